@@ -1,0 +1,263 @@
+"""The typed recipe: one YAML file, validated by pydantic, overridable with `key.sub=value`.
+
+The recipe is the CLI: `tunesmith train RECIPE training.max_steps=3 model=tiny` reads the
+YAML, applies the overrides, and validates the result. Every problem is reported as one
+line naming the file, the line and the field, with a "did you mean" for misspelled keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import TunesmithError, where
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which base to start from and how to hold it in memory."""
+
+    path: str = Field(DEFAULT_MODEL, description="built-in name (smollm2-135m-instruct, tiny), HF folder, hub id or .gguf file")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path` when `path` is a folder")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    quantization: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA through bitsandbytes (CUDA only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # `model: tiny` is the common case; it means `model: {path: tiny}`.
+        return {"path": value} if isinstance(value, str) else value
+
+
+class DataConfig(_Strict):
+    """Where the examples are and how to read them."""
+
+    train: list[str] = Field(..., description="file(s): .jsonl .json .csv .parquet or a `datasets` folder")
+    validation: list[str] | None = Field(None, description="held-out file(s); default: split validation_fraction off train")
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    format: Literal["auto", "text", "alpaca", "messages"] = "auto"
+    text_field: str = Field("text", description="column holding raw text for format `text`")
+    max_rows: int | None = Field(None, gt=0, description="read at most this many training rows")
+    skip_bad_rows: bool = Field(False, description="skip invalid rows (and count them) instead of stopping")
+    overlong: Literal["truncate", "error"] = Field("truncate", description="samples longer than training.max_length")
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("train")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("give at least one training file")
+        return value
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    dora: bool = False
+
+
+class TuningConfig(_Strict):
+    """What is trainable."""
+
+    method: Literal["full", "freeze", "lora"] = "lora"
+    freeze_layers: int = Field(0, ge=0, description="freeze: freeze the embeddings and the bottom N blocks")
+    trainable_modules: list[str] = Field(default_factory=list, description="freeze: train only parameters matching these names")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _freeze_needs_a_rule(self) -> TuningConfig:
+        if self.method == "freeze" and not (self.freeze_layers or self.trainable_modules):
+            raise ValueError("method freeze needs freeze_layers > 0 or trainable_modules")
+        return self
+
+
+class TrainingConfig(_Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    gradient_accumulation: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=1)
+    packing: bool = Field(False, description="pack samples into rows of max_length (attention never crosses samples)")
+    seed: int = 42
+    eval_every: int | None = Field(None, gt=0, description="evaluate every N optimizer steps (and always before and after)")
+    eval_max_batches: int | None = Field(None, gt=0, description="cap evaluation at N micro-batches")
+    save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps")
+    keep_checkpoints: int = Field(2, gt=0)
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+
+
+class Recipe(_Strict):
+    """A whole run: base model, stage, data, what is trainable, how to train, where results go."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    stage: Literal["pretrain", "sft"] = "sft"
+    data: DataConfig
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_dir: str
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- reading a recipe -------------------------------------------------------------------
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:
+    """Read a YAML recipe (or start from `base`), apply `key.sub=value` overrides, validate.
+
+    Data paths written in the recipe are relative to the recipe file, so a recipe works from
+    any working directory; paths given as overrides are relative to the working directory.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TunesmithError(f"{path}: recipe not found; give the path of a YAML recipe (see examples/)")
+        text = path.read_text(encoding="utf-8")
+        try:
+            raw = yaml.safe_load(text) or {}
+            lines = _key_lines(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark else None
+            raise TunesmithError(f"{where(path, line)}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(raw, dict):
+            raise TunesmithError(f"{path}: a recipe is a YAML mapping with keys like model, stage, data, training")
+        _resolve_data_paths(raw, path.parent)
+    else:
+        raw = dict(base or {})
+    from_cli: set[tuple[str, ...]] = set()
+    for item in overrides:
+        keys = _apply_override(raw, item)
+        from_cli.add(keys)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise TunesmithError(_explain(exc, path, lines, from_cli)) from None
+
+
+def _apply_override(raw: dict, item: str) -> tuple[str, ...]:
+    if "=" not in item:
+        raise TunesmithError(f"override '{item}': write it as key.sub=value, e.g. training.max_steps=3")
+    key, _, value_text = item.partition("=")
+    keys = tuple(k for k in key.strip().split(".") if k)
+    if not keys:
+        raise TunesmithError(f"override '{item}': the key is empty")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    node = raw
+    for depth, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if k == "model" and depth == 0 and isinstance(child, str):
+            child = {"path": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[k] = child
+        node = child
+    if keys[0] == "data" and keys[-1] in ("train", "validation") and len(keys) == 2 and value:
+        value = [str(Path(v).expanduser()) for v in ([value] if isinstance(value, str) else value)]
+    node[keys[-1]] = value
+    return keys
+
+
+def _resolve_data_paths(raw: dict, folder: Path) -> None:
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train", "validation"):
+        value = data.get(key)
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            data[key] = [str(_relative_to(folder, v)) if isinstance(v, str) else v for v in value]
+
+
+def _relative_to(folder: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (folder / p)
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML text to the 1-based line it is written on."""
+    out: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                keys = prefix + (str(key_node.value),)
+                out[keys] = key_node.start_mark.line + 1
+                walk(value_node, keys)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                out[prefix + (str(i),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(i),))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def _explain(exc: ValidationError, path: Path | None, lines: dict, from_cli: set) -> str:
+    errors = exc.errors()
+    messages = [_explain_one(err, path, lines, from_cli) for err in errors]
+    extra = f" (and {len(messages) - 1} more problem{'s' if len(messages) > 2 else ''})" if len(messages) > 1 else ""
+    return messages[0] + extra
+
+
+def _explain_one(err: dict, path: Path | None, lines: dict, from_cli: set) -> str:
+    loc = tuple(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+    # pydantic puts union branches into loc (e.g. 'list[str]'); keep only real keys.
+    loc = tuple(p for p in loc if "[" not in p)
+    field = ".".join(loc) or "recipe"
+    if any(loc[: len(k)] == k or k[: len(loc)] == loc for k in from_cli):
+        source = "command-line override"
+    elif path is not None:
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        source = where(path, line)
+    else:
+        source = "recipe"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        guess = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{guess[0]}'?" if guess else f"; known keys here: {', '.join(known)}"
+        return f"{source}: {field}: unknown key{hint}"
+    if kind == "missing":
+        return f"{source}: {field}: required but missing"
+    message = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, (dict, list)) else ""
+    return f"{source}: {field}: {message}{shown}"
+
+
+def _known_keys(loc: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] | None = Recipe
+    for key in loc:
+        field = model.model_fields.get(key) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model else []

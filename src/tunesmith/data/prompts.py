@@ -1,0 +1,46 @@
+"""Read prompts to answer: a .txt file (one per line) or records with `prompt`, `messages` or alpaca fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith.data.formats import Problem, Row, check_alpaca, check_messages, read_rows
+from tunesmith.errors import TunesmithError
+
+
+def read_prompts(path: str | Path) -> list[list[dict[str, str]]]:
+    """Each prompt as a chat that ends with the user's turn (a trailing assistant answer is dropped)."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise TunesmithError(f"{path}: file not found")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise TunesmithError(f"{path}: file is empty; write one prompt per line")
+        return [[{"role": "user", "content": line}] for line in lines]
+    return [_prompt_of(row) for row in read_rows(path)]
+
+
+def _prompt_of(row: Row) -> list[dict[str, str]]:
+    value = row.value
+    if not isinstance(value, dict):
+        raise TunesmithError(f"{row.where}: expected an object with 'prompt', 'messages' or 'instruction'")
+    if "prompt" in value:
+        prompt = value["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise TunesmithError(f"{row.where}: prompt: expected a non-empty string")
+        return [{"role": "user", "content": prompt}]
+    if "messages" in value or "conversations" in value:
+        chat = value.get("messages", value.get("conversations"))
+        if isinstance(chat, list) and chat and isinstance(chat[-1], dict) and chat[-1].get("role", chat[-1].get("from")) in ("assistant", "gpt"):
+            chat = chat[:-1]
+        checked = check_messages(Row(row.path, row.line, {"messages": chat + [{"role": "assistant", "content": "-"}]}))
+        if isinstance(checked, Problem):
+            raise TunesmithError(str(checked))
+        return checked.messages[:-1]
+    if "instruction" in value:
+        checked = check_alpaca(Row(row.path, row.line, {**value, "output": "-"}))
+        if isinstance(checked, Problem):
+            raise TunesmithError(str(checked))
+        return checked.messages[:-1]
+    raise TunesmithError(f"{row.where}: expected a 'prompt', 'messages' or 'instruction' field, found {sorted(value)}")

@@ -1,0 +1,257 @@
+"""What every causal-LM stage shares: reading the split, the output folder, the model, the artifacts.
+
+Order matters for "nothing already saved is lost": a stage validates the recipe, reads and
+checks all data and renders it before it touches the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tunesmith.config import Recipe
+from tunesmith.data.formats import Example, load_examples
+from tunesmith.data.render import PackedRow, Sample, fit_length, render
+from tunesmith.errors import TunesmithError
+from tunesmith.evaluate.plots import loss_plot
+from tunesmith.files import building_dir, write_text_atomic
+from tunesmith.models import Runtime, load_model, load_tokenizer, pick_runtime, resolve_base
+from tunesmith.tuning import TrainableReport, apply_tuning, count_parameters
+
+STAGE_FORMATS = {"pretrain": ("text",), "sft": ("alpaca", "messages")}
+# Settings a resumed run may change: how long to train and how often to report or save.
+RESUMABLE_CHANGES = {"max_steps", "epochs", "eval_every", "eval_max_batches", "save_every", "keep_checkpoints", "threads"}
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class Split:
+    train: list[Example]
+    validation: list[Example]
+    format: str
+    skipped: int
+
+
+def load_split(recipe: Recipe) -> Split:
+    """Read and validate train (and validation) data; split off a seeded validation share if none is given."""
+    data = recipe.data
+    wanted = STAGE_FORMATS[recipe.stage]
+    loaded = load_examples(data.train, data.format, data.text_field, data.skip_bad_rows, data.max_rows)
+    if loaded.format not in wanted:
+        raise TunesmithError(
+            f"{data.train[0]}: data.format: stage '{recipe.stage}' reads {' or '.join(wanted)} data, "
+            f"but this file is '{loaded.format}'; change the stage or the data"
+        )
+    train, skipped = loaded.examples, loaded.skipped
+    if data.validation:
+        held = load_examples(data.validation, loaded.format, data.text_field, data.skip_bad_rows)
+        return Split(train, held.examples, loaded.format, skipped + held.skipped)
+    n_val = round(len(train) * data.validation_fraction) if data.validation_fraction > 0 else 0
+    if data.validation_fraction > 0 and len(train) >= 2:
+        n_val = max(1, n_val)
+    order = list(range(len(train)))
+    random.Random(recipe.training.seed).shuffle(order)
+    held_out = set(order[:n_val])
+    return Split([e for i, e in enumerate(train) if i not in held_out], [train[i] for i in sorted(held_out)],
+                 loaded.format, skipped)
+
+
+def render_all(tokenizer, examples: list[Example], max_length: int, policy: str) -> tuple[list[Sample], int, int]:
+    """Render examples; apply the over-length policy. Returns (samples, truncated, dropped)."""
+    samples = [render(tokenizer, e) for e in examples]
+    fitted, truncated = fit_length(samples, max_length, policy)
+    return fitted, truncated, len(samples) - len(fitted)
+
+
+# --- the output folder -----------------------------------------------------------------------
+
+def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a different run; on resume, insist on the same recipe (but for run length)."""
+    out = Path(recipe.output_dir)
+    if resume and overwrite:
+        raise TunesmithError("--resume and --overwrite contradict each other; pick one")
+    holds_run = out.is_dir() and any(out.iterdir())
+    if out.exists() and not out.is_dir():
+        raise TunesmithError(f"output_dir: {out} is a file; give a folder")
+    if resume:
+        saved = out / RECIPE_FILE
+        if not saved.is_file():
+            raise TunesmithError(f"{out}: no {RECIPE_FILE} here, so there is no run to resume; drop --resume")
+        before = yaml.safe_load(saved.read_text()) or {}
+        changed = _changed_fields(before, recipe.model_dump(mode="json"))
+        if changed:
+            raise TunesmithError(
+                f"{saved}: {changed[0]}: differs from the run being resumed; resume with the same recipe "
+                f"(only training length and eval/save cadence may change) or start a new output_dir"
+            )
+    elif holds_run and not overwrite:
+        raise TunesmithError(
+            f"output_dir: {out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another output_dir"
+        )
+
+
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            if key in RESUMABLE_CHANGES and prefix == "training.":
+                continue
+            out += _changed_fields(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def open_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+    out = Path(recipe.output_dir)
+    if overwrite and out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_text_atomic(out / RECIPE_FILE, recipe.to_yaml())
+    return out
+
+
+# --- model ---------------------------------------------------------------------------------
+
+@dataclass
+class Base:
+    folder: Path
+    runtime: Runtime
+    tokenizer: Any
+
+
+def open_base(recipe: Recipe) -> Base:
+    runtime = pick_runtime(recipe.model)
+    folder = resolve_base(recipe.model)
+    return Base(folder, runtime, load_tokenizer(folder))
+
+
+def build_model(recipe: Recipe, base: Base) -> tuple[Any, TrainableReport]:
+    import torch
+
+    if recipe.training.threads:
+        torch.set_num_threads(recipe.training.threads)
+    model = load_model(base.folder, recipe.model, base.runtime)
+    torch.manual_seed(recipe.training.seed)  # LoRA init and dropout start from the recipe's seed
+    model = apply_tuning(model, recipe.tuning)
+    return model, count_parameters(model)
+
+
+def save_final(model: Any, tokenizer: Any, out: Path) -> list[str]:
+    """Write the adapter (PEFT) or full model (safetensors) and the tokenizer with its chat template."""
+    with building_dir(out / ".final") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        names = sorted(p.name for p in tmp.iterdir())
+        for path in tmp.iterdir():  # each file lands whole (rename), the folder keeps other artifacts
+            path.replace(out / path.name)
+    shutil.rmtree(out / ".final", ignore_errors=True)
+    return names
+
+
+def write_summary(out: Path, summary: dict, train_losses, eval_losses, title: str) -> Path:
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return loss_plot(out / "loss.png", train_losses, eval_losses, title)
+
+
+@contextmanager
+def training_progress(console: Console, total: int, done: int):
+    """A rich progress bar; yields the callback the loop calls after each logged record."""
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("train", total=total, completed=done, info="")
+
+        def on_record(record: dict) -> None:
+            if "loss" in record:
+                info = f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s"
+                progress.update(task, completed=record["step"], info=info)
+            else:
+                progress.console.print(f"  step {record['step']}: eval loss {record['eval_loss']:.4f}")
+
+        yield on_record
+
+
+def format_rows(rows: list[PackedRow]) -> str:
+    tokens = sum(len(r.input_ids) for r in rows)
+    return f"{len(rows):,} rows, {tokens:,} tokens"
+
+
+# --- the run shared by pre-training and SFT --------------------------------------------------
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024)
+
+
+def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows: list[PackedRow], console: Console,
+                    resume: bool, overwrite: bool, summary: dict, preview=None) -> dict:
+    """Open the output folder, build the model, evaluate, train, evaluate, save; return the summary.
+
+    `preview(model) -> (prompt, answer)` shows one answer before and after training.
+    """
+    from tunesmith.evaluate.metrics import perplexity
+    from tunesmith.stages.loop import Loop, read_metrics
+
+    out = open_output_dir(recipe, resume, overwrite)
+    model, report = build_model(recipe, base)
+    console.print(f"[bold]{report}[/bold] ({recipe.tuning.method})")
+    loop = Loop(model, rows, eval_rows, recipe.training, out, base.tokenizer.pad_token_id,
+                base.runtime.torch_device, base.runtime.autocast_bf16)
+    start_step = loop.resume() if resume else 0
+    samples_path = out / "samples.jsonl"
+    if start_step:
+        console.print(f"resumed from step {start_step} of {loop.plan.total_steps}")
+        before = next(r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if r.get("step") == 0 and "eval_loss" in r)
+    else:
+        with console.status("evaluating before training..."):
+            before = loop.evaluate()
+        loop._log({"step": 0, "eval_loss": round(before, 6)})
+        console.print(f"eval loss before: {before:.4f} (perplexity {perplexity(before):.2f})")
+        if preview:
+            with console.status("answering before training..."):
+                prompt, answer = preview(model)
+            write_text_atomic(samples_path, json.dumps({"when": "before", "prompt": prompt, "answer": answer}) + "\n")
+            console.print(f"[bold]prompt:[/bold] {prompt}\n[bold]answer before:[/bold] {answer}")
+
+    with training_progress(console, loop.plan.total_steps, start_step) as on_record:
+        loop.on_step = on_record
+        result = loop.run()
+    with console.status("evaluating after training..."):
+        after = loop.evaluate()
+    loop._log({"step": loop.step, "eval_loss": round(after, 6), "final": True})
+    result.eval_losses.append((loop.step, after))
+
+    summary = {
+        **summary,
+        "stage": recipe.stage, "method": recipe.tuning.method, "base": recipe.model.path,
+        "trainable_parameters": report.trainable, "total_parameters": report.total,
+        "steps": result.steps, "tokens": result.tokens,
+        "train_seconds": round(result.seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
+        "eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4),
+        "perplexity_before": round(perplexity(before), 3), "perplexity_after": round(perplexity(after), 3),
+    }
+    if preview:
+        prompt, answer = preview(model)
+        lines = [r for r in read_metrics(samples_path) if r.get("when") == "before"]
+        lines.append({"when": "after", "prompt": prompt, "answer": answer})
+        write_text_atomic(samples_path, "".join(json.dumps(r) + "\n" for r in lines))
+        summary["answer_before"] = lines[0]["answer"] if len(lines) > 1 else None
+        summary["answer_after"] = answer
+        summary["prompt"] = prompt
+    summary["files"] = save_final(model, base.tokenizer, out)
+    summary["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    write_summary(out, summary, result.train_losses, result.eval_losses,
+                  f"{recipe.stage} · {recipe.tuning.method} · {Path(recipe.model.path).name}")
+    return summary

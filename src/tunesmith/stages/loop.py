@@ -1,0 +1,288 @@
+"""The shared training loop: steps, accumulation, evaluation, checkpoints, exact resume.
+
+A plain PyTorch loop rather than HF Trainer: on these CPUs it trains ~2x more tokens/s at
+half the memory of TRL's SFTTrainer (bench/sft_throughput.py measures both in one run),
+and owning it makes resume exact. What it guarantees:
+- the loss of one optimizer step is the sum over its micro-batches of token losses divided
+  by the step's number of target tokens, so accumulation never re-weights samples;
+- the data order is a pure function of (seed, epoch), and the position in the data is a
+  pure function of the step, so resuming from a checkpoint replays nothing and skips nothing;
+- a checkpoint (trainable weights, optimizer, scheduler, RNG, step) is written to a temp
+  folder and renamed, so a kill while saving never corrupts the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.config import TrainingConfig
+from tunesmith.data.render import IGNORE, PackedRow, collate, count_targets
+from tunesmith.errors import TunesmithError
+from tunesmith.files import building_dir, write_text_atomic
+
+CHECKPOINTS = "checkpoints"
+# Architectures whose logits are exactly lm_head(last hidden state): for them the loss
+# projects only the positions that carry a label (prompts are masked in SFT), which saves
+# the vocabulary projection and its fp32 logits for every masked token.
+PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3", "granite"}
+
+
+@dataclass
+class Plan:
+    micro_batches_per_epoch: int
+    steps_per_epoch: float
+    total_steps: int
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def plan_steps(n_rows: int, training: TrainingConfig) -> Plan:
+    micro = math.ceil(n_rows / training.micro_batch_size)
+    per_epoch = micro / training.gradient_accumulation
+    total = training.max_steps or max(1, math.ceil(training.epochs * per_epoch))
+    return Plan(micro, per_epoch, total)
+
+
+def micro_batch_rows(rows: list[PackedRow], index: int, training: TrainingConfig, micro_per_epoch: int) -> list[PackedRow]:
+    """Rows of the index-th micro-batch of the endless, epoch-by-epoch shuffled stream."""
+    epoch, within = divmod(index, micro_per_epoch)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(training.seed + epoch)).tolist()
+    picked = order[within * training.micro_batch_size : (within + 1) * training.micro_batch_size]
+    return [rows[i] for i in picked]
+
+
+# --- the loss -----------------------------------------------------------------------------
+
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over target tokens (fp32), for a packed/padded batch."""
+    labels = batch["labels"][:, 1:]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) in PLAIN_HEAD_TYPES:
+        hidden = base.get_decoder()(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state[:, :-1]
+        keep = labels != IGNORE
+        logits = base.get_output_embeddings()(hidden[keep])
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, rows: list[PackedRow], batch_size: int, pad_id: int, device: torch.device,
+                  autocast_bf16: bool = False, max_batches: int | None = None) -> float:
+    """Mean cross-entropy per target token over rows (token-weighted, deterministic order)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    starts = range(0, len(rows), batch_size)
+    for n, start in enumerate(starts):
+        if max_batches is not None and n >= max_batches:
+            break
+        batch = _to(collate(rows[start : start + batch_size], pad_id), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            total += float(loss_sum(model, batch))
+        count += count_targets(batch)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+class Loop:
+    """Train `model` on `rows`; evaluate on `eval_rows`; checkpoint into `out_dir/checkpoints`."""
+
+    def __init__(self, model: torch.nn.Module, rows: list[PackedRow], eval_rows: list[PackedRow], training: TrainingConfig,
+                 out_dir: Path, pad_id: int, device: torch.device, autocast_bf16: bool = False,
+                 on_step: Callable[[dict], None] | None = None):
+        if not rows:
+            raise TunesmithError("data: no training rows left after rendering; check the data and max_length")
+        self.model, self.rows, self.eval_rows, self.training = model, rows, eval_rows, training
+        self.out_dir, self.pad_id, self.device, self.autocast_bf16 = Path(out_dir), pad_id, device, autocast_bf16
+        self.on_step = on_step
+        self.plan = plan_steps(len(rows), training)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TunesmithError("tuning: no parameter is trainable; check tuning.method and its settings")
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=training.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+        )
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(training.lr_schedule, self.optimizer, num_warmup_steps=training.warmup_steps,
+                                       num_training_steps=self.plan.total_steps)
+        self.step = 0
+        self.tokens = 0
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+    # -- evaluation and logging --
+    def evaluate(self) -> float:
+        return evaluate_loss(self.model, self.eval_rows, self.training.micro_batch_size, self.pad_id, self.device,
+                             self.autocast_bf16, self.training.eval_max_batches)
+
+    def _log(self, record: dict) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.on_step:
+            self.on_step(record)
+
+    # -- training --
+    def run(self) -> TrainResult:
+        training, model = self.training, self.model
+        model.train()
+        result = TrainResult(self.step, self.tokens, 0.0)
+        result.train_losses, result.eval_losses = self._history()
+        start, start_tokens = time.perf_counter(), self.tokens
+        while self.step < self.plan.total_steps:
+            micro = [micro_batch_rows(self.rows, self.step * training.gradient_accumulation + k, training,
+                                      self.plan.micro_batches_per_epoch) for k in range(training.gradient_accumulation)]
+            batches = [_to(collate(rows, self.pad_id), self.device) for rows in micro]
+            targets = sum(count_targets(b) for b in batches)
+            step_loss = 0.0
+            for batch in batches:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+                    loss = loss_sum(model, batch) / max(targets, 1)
+                loss.backward()
+                step_loss += float(loss.detach())
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, training.max_grad_norm)
+                         if training.max_grad_norm else None)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens += sum(len(row.input_ids) for rows in micro for row in rows)  # real tokens, not padding
+            elapsed = time.perf_counter() - start
+            result.seconds = elapsed
+            record = {"step": self.step, "loss": round(step_loss, 6), "lr": lr, "tokens": self.tokens,
+                      "target_tokens": targets, "seconds": round(elapsed, 3),
+                      "tokens_per_s": round((self.tokens - start_tokens) / elapsed, 2)}
+            if grad_norm is not None:
+                record["grad_norm"] = round(float(grad_norm), 6)
+            self._log(record)
+            result.train_losses.append((self.step, step_loss))
+            if training.eval_every and self.step % training.eval_every == 0 and self.step < self.plan.total_steps:
+                eval_loss = self.evaluate()
+                self._log({"step": self.step, "eval_loss": round(eval_loss, 6)})
+                result.eval_losses.append((self.step, eval_loss))
+            if training.save_every and self.step % training.save_every == 0:
+                self.save_checkpoint()
+        result.steps, result.tokens = self.step, self.tokens
+        return result
+
+    def _history(self) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """Loss history already in metrics.jsonl (a resumed run plots the whole curve)."""
+        train, evals = [], []
+        for record in read_metrics(self.metrics_path):
+            if "loss" in record:
+                train.append((record["step"], record["loss"]))
+            if "eval_loss" in record:
+                evals.append((record["step"], record["eval_loss"]))
+        return train, evals
+
+    # -- checkpoints --
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        folder = self.out_dir / CHECKPOINTS / f"step-{self.step:07d}"
+        with building_dir(folder) as tmp:
+            save_file(self.trainable_state(), tmp / "trainable.safetensors")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       tmp / "optimizer.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "tokens": self.tokens}))
+        for old in list_checkpoints(self.out_dir)[: -self.training.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint; return its step (0 when there is none)."""
+        from safetensors.torch import load_file
+
+        checkpoints = list_checkpoints(self.out_dir)
+        if not checkpoints:
+            return 0
+        folder = checkpoints[-1]
+        state = json.loads((folder / "state.json").read_text())
+        weights = load_file(folder / "trainable.safetensors")
+        names = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        if set(weights) != names:
+            raise TunesmithError(f"{folder}: checkpoint holds other parameters than this recipe trains; "
+                                 "resume with the recipe that wrote it")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        saved = torch.load(folder / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+        self.step, self.tokens = state["step"], state["tokens"]
+        # Forget metrics logged after the checkpoint: those steps are about to be redone.
+        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
+        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        return self.step
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    folder = Path(out_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,112 @@
+"""What is trainable: the whole model, a frozen bottom (or only named modules), or LoRA adapters."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tunesmith.config import TuningConfig
+from tunesmith.errors import TunesmithError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.2f}%)"
+
+
+def apply_tuning(model: "torch.nn.Module", tuning: TuningConfig) -> "torch.nn.Module":
+    """Mark parameters trainable per the recipe; LoRA wraps the model in a PEFT model."""
+    if tuning.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    if tuning.method == "freeze":
+        _freeze(model, tuning)
+        return model
+    return _add_lora(model, tuning)
+
+
+def count_parameters(model: "torch.nn.Module") -> TrainableReport:
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():  # tied weights are counted once
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return TrainableReport(trainable, total)
+
+
+def _freeze(model: "torch.nn.Module", tuning: TuningConfig) -> None:
+    names = [name for name, _ in model.named_parameters()]
+    if tuning.trainable_modules:
+        patterns = tuning.trainable_modules
+        matched = {p: [n for n in names if _matches(n, p)] for p in patterns}
+        missing = [p for p, hits in matched.items() if not hits]
+        if missing:
+            sample = ", ".join(sorted({n.rsplit(".", 1)[0] for n in names})[:6])
+            raise TunesmithError(
+                f"tuning.trainable_modules: {missing[0]!r} matches no parameter; names look like: {sample}, ..."
+            )
+        keep = {n for hits in matched.values() for n in hits}
+    else:
+        prefix, layers = _layer_list(model)
+        if tuning.freeze_layers > len(layers):
+            raise TunesmithError(
+                f"tuning.freeze_layers: {tuning.freeze_layers} is more than the model's {len(layers)} layers"
+            )
+        frozen_prefixes = [f"{prefix}.{i}." for i in range(tuning.freeze_layers)]
+        embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()}
+        keep = {
+            name for name, param in model.named_parameters()
+            if id(param) not in embedding_ids and not any(name.startswith(p) for p in frozen_prefixes)
+        }
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    # A pattern is a glob over parameter names, or a dotted module path matched at a boundary.
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return f".{name}.".find(f".{pattern.strip('.')}.") >= 0
+
+
+def _layer_list(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
+    """The longest ModuleList is the stack of transformer blocks, whatever the architecture calls it."""
+    import torch
+
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise TunesmithError("tuning.freeze_layers: this model has no list of layers; use tuning.trainable_modules")
+    return best
+
+
+def _add_lora(model: "torch.nn.Module", tuning: TuningConfig) -> "torch.nn.Module":
+    from peft import LoraConfig, get_peft_model
+
+    lora = tuning.lora
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
+        target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise TunesmithError(f"tuning.lora.target_modules: {exc}") from None

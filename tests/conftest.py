@@ -1,0 +1,77 @@
+"""Shared fixtures: the tiny model, recipes in temp folders, small data files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "src" / "tunesmith" / "samples"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> Path:
+    from tunesmith.models import resolve_base
+
+    return resolve_base("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_path):
+    from tunesmith.models import load_tokenizer
+
+    return load_tokenizer(tiny_path)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def chat_rows(n: int = 12) -> list[dict]:
+    return [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(n)]
+
+
+def text_rows(n: int = 12) -> list[dict]:
+    return [{"text": f"Document {i}. " + "The patient was treated with aspirin and recovered. " * (1 + i % 3)}
+            for i in range(n)]
+
+
+def write_recipe(folder: Path, **sections) -> Path:
+    """A recipe for the tiny model with fast defaults; keyword arguments replace whole sections."""
+    recipe = {
+        "model": "tiny",
+        "stage": "sft",
+        "data": {"train": str(folder / "train.jsonl"), "validation_fraction": 0.25},
+        "tuning": {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "training": {"max_steps": 3, "learning_rate": 1e-3, "micro_batch_size": 2, "max_length": 64,
+                     "lr_schedule": "constant", "seed": 0},
+        "output_dir": str(folder / "out"),
+    }
+    recipe.update(sections)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, capsys=None) -> tuple[int, str, str]:
+    """Run `tunesmith ARGS` in-process; return (exit code, stdout, stderr)."""
+    from tunesmith import cli
+
+    old = sys.argv
+    sys.argv = ["tunesmith", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
