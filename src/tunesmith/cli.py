@@ -76,9 +76,12 @@ def _print_summary(console, summary: dict, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title="summary", show_header=False, box=None)
-    rows = [
-        ("eval loss", f"{summary['eval_loss_before']:.4f} → {summary['eval_loss_after']:.4f}"),
-        ("perplexity", f"{summary['perplexity_before']:.2f} → {summary['perplexity_after']:.2f}"),
+    rows = []
+    for label, key, digits in (("eval loss", "eval_loss", 4), ("perplexity", "perplexity", 2)):
+        before, after = summary[f"{key}_before"], summary[f"{key}_after"]
+        if after is not None:
+            rows.append((label, (f"{before:.{digits}f} → " if before is not None else "") + f"{after:.{digits}f}"))
+    rows += [
         ("trained", f"{summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s "
                     f"({summary['tokens_per_second']:.0f} tok/s)"),
         ("parameters", f"{summary['trainable_parameters']:,} trainable of {summary['total_parameters']:,}"),
@@ -245,7 +248,7 @@ def main() -> None:
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted; a run with checkpoints continues with `tunesmith train RECIPE --resume`", file=sys.stderr)
         sys.exit(130)
 
 

@@ -166,7 +166,26 @@ def write_summary(out: Path, summary: dict, train_losses, eval_losses, title: st
 
 @contextmanager
 def training_progress(console: Console, total: int, done: int):
-    """A rich progress bar; yields the callback the loop calls after each logged record."""
+    """Yield the callback the loop calls after each logged record: a live bar on a terminal,
+    a plain line every ~10% of the run in logs."""
+
+    def describe(record: dict) -> str:
+        return f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s"
+
+    def print_eval(record: dict) -> None:
+        console.print(f"  step {record['step']}: eval loss {record['eval_loss']:.4f}")
+
+    if not console.is_terminal:
+        every = max(1, total // 10)
+
+        def on_line(record: dict) -> None:
+            if "loss" not in record:
+                print_eval(record)
+            elif record["step"] % every == 0 or record["step"] == total:
+                console.print(f"  step {record['step']}/{total}: {describe(record)}  {record['seconds']:.0f} s")
+
+        yield on_line
+        return
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
@@ -174,10 +193,9 @@ def training_progress(console: Console, total: int, done: int):
 
         def on_record(record: dict) -> None:
             if "loss" in record:
-                info = f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s"
-                progress.update(task, completed=record["step"], info=info)
+                progress.update(task, completed=record["step"], info=describe(record))
             else:
-                progress.console.print(f"  step {record['step']}: eval loss {record['eval_loss']:.4f}")
+                print_eval(record)
 
         yield on_record
 
@@ -211,14 +229,20 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
                 base.runtime.torch_device, base.runtime.autocast_bf16)
     start_step = loop.resume() if resume else 0
     samples_path = out / "samples.jsonl"
+    before = None
     if start_step:
         console.print(f"resumed from step {start_step} of {loop.plan.total_steps}")
-        before = next(r["eval_loss"] for r in read_metrics(out / "metrics.jsonl") if r.get("step") == 0 and "eval_loss" in r)
+        before = next((r["eval_loss"] for r in read_metrics(loop.metrics_path) if r.get("step") == 0 and "eval_loss" in r),
+                      None)
     else:
-        with console.status("evaluating before training..."):
-            before = loop.evaluate()
-        loop._log({"step": 0, "eval_loss": round(before, 6)})
-        console.print(f"eval loss before: {before:.4f} (perplexity {perplexity(before):.2f})")
+        loop.metrics_path.unlink(missing_ok=True)  # a fresh start (or a resume with no checkpoint yet)
+        if eval_rows:
+            with console.status("evaluating before training..."):
+                before = loop.evaluate()
+            loop.log({"step": 0, "eval_loss": round(before, 6)})
+            console.print(f"eval loss before: {before:.4f} (perplexity {perplexity(before):.2f})")
+        else:
+            console.print("no validation split (data.validation_fraction=0): eval loss is not measured")
         if preview:
             with console.status("answering before training..."):
                 prompt, answer = preview(model)
@@ -228,10 +252,12 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
     with training_progress(console, loop.plan.total_steps, start_step) as on_record:
         loop.on_step = on_record
         result = loop.run()
-    with console.status("evaluating after training..."):
-        after = loop.evaluate()
-    loop._log({"step": loop.step, "eval_loss": round(after, 6), "final": True})
-    result.eval_losses.append((loop.step, after))
+    after = None
+    if eval_rows:
+        with console.status("evaluating after training..."):
+            after = loop.evaluate()
+        loop.log({"step": loop.step, "eval_loss": round(after, 6), "final": True})
+        result.eval_losses.append((loop.step, after))
 
     summary = {
         **summary,
@@ -239,8 +265,9 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
         "trainable_parameters": report.trainable, "total_parameters": report.total,
         "steps": result.steps, "tokens": result.tokens,
         "train_seconds": round(result.seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
-        "eval_loss_before": round(before, 4), "eval_loss_after": round(after, 4),
-        "perplexity_before": round(perplexity(before), 3), "perplexity_after": round(perplexity(after), 3),
+        "eval_loss_before": _round(before, 4), "eval_loss_after": _round(after, 4),
+        "perplexity_before": _round(before and perplexity(before), 3),
+        "perplexity_after": _round(after and perplexity(after), 3),
     }
     if preview:
         prompt, answer = preview(model)
@@ -255,3 +282,7 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
     write_summary(out, summary, result.train_losses, result.eval_losses,
                   f"{recipe.stage} · {recipe.tuning.method} · {Path(recipe.model.path).name}")
     return summary
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)

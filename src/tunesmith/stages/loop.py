@@ -149,7 +149,7 @@ class Loop:
         return evaluate_loss(self.model, self.eval_rows, self.training.micro_batch_size, self.pad_id, self.device,
                              self.autocast_bf16, self.training.eval_max_batches)
 
-    def _log(self, record: dict) -> None:
+    def log(self, record: dict) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.on_step:
@@ -188,11 +188,11 @@ class Loop:
                       "tokens_per_s": round((self.tokens - start_tokens) / elapsed, 2)}
             if grad_norm is not None:
                 record["grad_norm"] = round(float(grad_norm), 6)
-            self._log(record)
+            self.log(record)
             result.train_losses.append((self.step, step_loss))
             if training.eval_every and self.step % training.eval_every == 0 and self.step < self.plan.total_steps:
                 eval_loss = self.evaluate()
-                self._log({"step": self.step, "eval_loss": round(eval_loss, 6)})
+                self.log({"step": self.step, "eval_loss": round(eval_loss, 6)})
                 result.eval_losses.append((self.step, eval_loss))
             if training.save_every and self.step % training.save_every == 0:
                 self.save_checkpoint()

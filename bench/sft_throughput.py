@@ -1,0 +1,254 @@
+"""SFT throughput: tunesmith's loop vs a plain TRL SFTTrainer script, same model, data, max_length, batch, in one run.
+
+    .venv/bin/python bench/sft_throughput.py                 # LoRA, 10 TRL steps (about 6 minutes on 2 cores)
+    .venv/bin/python bench/sft_throughput.py --method full   # full fine-tuning
+    .venv/bin/python bench/sft_throughput.py --steps 4 --model tiny   # smoke run
+
+Each contender runs in its own fresh process, so its peak RSS is its own. Both train on
+the same Alpaca rows (../shared/data/alpaca_5k when present, else the shipped sample)
+rendered with the model's chat template, loss on the response only, max_length 512,
+4 examples per optimizer step, fp32, AdamW, constant LR. TRL gets its best CPU setting
+(bf16=False, gradient_checkpointing=False, unpacked). tunesmith runs unpacked (the same
+batches of 4 examples) and packed (4 rows of up to 512 tokens, attention kept inside each
+sample) over about the same number of tokens. Timing skips the first optimizer step (warm-up).
+
+Model-FLOPs utilisation = useful FLOPs / time / measured GEMM peak. Useful FLOPs per
+token: forward 2N over the transformer's matmul weights, backward 2N (LoRA: activation
+gradients only) or 4N (full), attention scores on the real context, and the vocabulary
+projection only for tokens that carry a label (what any SFT needs; masked prompt tokens
+need no logits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "alpaca_5k" / "train.jsonl"
+SAMPLE = REPO / "src" / "tunesmith" / "samples" / "alpaca_500.jsonl"
+BATCH, MAX_LENGTH, LR = 4, 512, 2e-4
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def read_rows(path: Path, n: int) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:n]
+
+
+# --- contenders (each runs in its own process) ------------------------------------------------
+
+def run_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith.models import load_tokenizer, resolve_base
+
+    folder = resolve_base(args.model)
+    tokenizer = load_tokenizer(folder)
+    rows = read_rows(Path(args.data), args.rows)
+    prompt = lambda r: r["instruction"] + (f"\n\n{r['input']}" if r["input"].strip() else "")  # noqa: E731
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": prompt(r)}],
+                                  "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+        max_steps=args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, max_length=MAX_LENGTH,
+        packing=False, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
+        seed=0, weight_decay=0.0, max_grad_norm=1.0,
+    )
+    peft_config = None
+    if args.method == "lora":
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    log: list[dict] = []
+
+    class Clock(TrainerCallback):
+        def on_log(self, _args, state, _control, logs=None, **_):
+            if logs and "loss" in logs:
+                log.append({"step": state.global_step, "loss": logs["loss"], "tokens": logs.get("num_tokens"),
+                            "time": time.perf_counter()})
+
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[Clock()])
+    trainer.train()
+    return summarise(log, model_config=model.config, targets_share=_target_share(trainer))
+
+
+def _target_share(trainer) -> float:
+    data = trainer.train_dataset
+    total = sum(len(ids) for ids in data["input_ids"])
+    if "completion_mask" in data.column_names:
+        return sum(sum(m) for m in data["completion_mask"]) / total
+    return 1.0
+
+
+def run_tunesmith(args) -> dict:
+    import io
+
+    from rich.console import Console
+
+    from tunesmith.config import load_recipe
+    from tunesmith.stages import sft
+    from tunesmith.stages.loop import read_metrics
+
+    out = Path(tempfile.mkdtemp()) / "run"
+    data = Path(tempfile.mkdtemp()) / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_rows(Path(args.data), args.rows)))
+    tuning = {"method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05}} if args.method == "lora" else {"method": "full"}
+    recipe = load_recipe(None, base={
+        "model": args.model, "stage": "sft",
+        "data": {"train": [str(data)], "format": "alpaca", "validation_fraction": 0.0},
+        "tuning": tuning,
+        "training": {"max_steps": args.steps, "learning_rate": LR, "lr_schedule": "constant", "micro_batch_size": args.batch,
+                     "max_length": MAX_LENGTH, "packing": args.packing, "seed": 0, "eval_max_batches": 1},
+        "output_dir": str(out),
+    })
+    sft.run(recipe, Console(file=io.StringIO()), preview_tokens=0)
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    log = [{"step": r["step"], "loss": r["loss"], "tokens": r["tokens"], "time": r["seconds"],
+            "targets": r["target_tokens"]} for r in records]
+    from transformers import AutoConfig
+
+    from tunesmith.models import resolve_base
+
+    share = sum(r["targets"] for r in log) / max(1, log[-1]["tokens"])
+    return summarise(log, model_config=AutoConfig.from_pretrained(resolve_base(args.model)), targets_share=share)
+
+
+def summarise(log: list[dict], model_config, targets_share: float) -> dict:
+    first, last = log[0], log[-1]
+    tokens = last["tokens"] - first["tokens"]
+    seconds = last["time"] - first["time"]
+    return {"tokens_per_s": tokens / seconds, "tokens": last["tokens"], "timed_tokens": tokens, "seconds": seconds,
+            "steps": len(log), "peak_rss_gib": peak_rss_gib(), "losses": [(r["tokens"], r["loss"]) for r in log],
+            "target_share": targets_share, "n_layers": model_config.num_hidden_layers,
+            "hidden": model_config.hidden_size, "vocab": model_config.vocab_size,
+            "matmul_params": _matmul_params(model_config)}
+
+
+def _matmul_params(c) -> int:
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = c.hidden_size * (c.hidden_size * 2 + kv * 2) + 3 * c.hidden_size * c.intermediate_size
+    return per_layer * c.num_hidden_layers
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+def mfu(result: dict, method: str, peak_gflops: float, avg_context: float) -> float:
+    backward = 2 if method == "lora" else 4
+    n = result["matmul_params"]
+    head = 2 * result["hidden"] * result["vocab"] * (1 + backward / 2) * result["target_share"]
+    attention = 2 * 2 * result["n_layers"] * result["hidden"] * (avg_context / 2) * 3
+    flops_per_token = (2 + backward) * n + head + attention
+    return flops_per_token * result["tokens_per_s"] / (peak_gflops * 1e9)
+
+
+def spawn(kind: str, args, **extra) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        result_path = handle.name
+    cmd = [sys.executable, __file__, "--worker", kind, "--result", result_path, "--method", args.method,
+           "--steps", str(extra.get("steps", args.steps)), "--model", args.model, "--data", args.data,
+           "--rows", str(args.rows), "--batch", str(extra.get("batch", BATCH))]
+    if extra.get("packing"):
+        cmd.append("--packing")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"{kind} worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(Path(result_path).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    parser.add_argument("--steps", type=int, default=10, help="TRL optimizer steps (tunesmith matches the tokens)")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", default=str(SHARED if SHARED.exists() else SAMPLE))
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--worker", choices=["trl", "tunesmith"])
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
+    parser.add_argument("--result")
+    parser.add_argument("--plot", default=str(REPO / "bench" / "results" / "sft_throughput.png"))
+    args = parser.parse_args()
+    if args.worker:
+        result = (run_trl if args.worker == "trl" else run_tunesmith)(args)
+        Path(args.result).write_text(json.dumps(result))
+        return
+
+    import torch
+
+    peak = gemm_peak_gflops()
+    print(f"GEMM peak (fp32, 2048^3, {torch.get_num_threads()} threads): {peak:.0f} GFLOP/s", flush=True)
+    print(f"data: {args.data} ({args.rows} rows), model {args.model}, {args.method}, max_length {MAX_LENGTH}, "
+          f"batch {BATCH}", flush=True)
+    results = {"TRL SFTTrainer (unpacked)": spawn("trl", args)}
+    trl = results["TRL SFTTrainer (unpacked)"]
+    print(f"  TRL: {trl['tokens']:,} tokens in {trl['steps']} steps", flush=True)
+    results["tunesmith (unpacked)"] = spawn("tunesmith", args)
+    # Packed: as many 512-token rows per step as TRL's 4 examples hold tokens (the same effective batch in
+    # tokens), for as many steps as TRL ran, so both train on about the same number of tokens.
+    rows_per_step = max(1, round(trl["tokens"] / trl["steps"] / (MAX_LENGTH * 0.95)))
+    results["tunesmith (packed)"] = spawn("tunesmith", args, packing=True, batch=rows_per_step)
+
+    avg_context = trl["tokens"] / (trl["steps"] * BATCH)
+    header = f"{'contender':<28}{'tokens/s':>10}{'x TRL':>8}{'peak RSS GiB':>14}{'x TRL':>8}{'MFU':>7}{'tokens':>9}{'last loss':>11}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, r in results.items():
+        util = mfu(r, args.method, peak, avg_context)
+        print(f"{name:<28}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / trl['tokens_per_s']:>8.2f}"
+              f"{r['peak_rss_gib']:>14.2f}{r['peak_rss_gib'] / trl['peak_rss_gib']:>8.2f}{100 * util:>6.0f}%"
+              f"{r['tokens']:>9,}{r['losses'][-1][1]:>11.3f}")
+    _plot(results, Path(args.plot), args.method)
+    print(f"\nloss curves: {args.plot}")
+
+
+def _plot(results: dict, path: Path, method: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, r in results.items():
+        tokens, losses = zip(*r["losses"])
+        ax.plot(tokens, losses, "o-", label=name, markersize=3)
+    ax.set_xlabel("tokens trained")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"SFT {method}: tunesmith vs TRL, same data")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The loop's contracts: accumulation normalised by tokens, data order, step planning."""
+
+import torch
+
+from conftest import chat_rows, write_jsonl
+from tunesmith.config import TrainingConfig, TuningConfig
+from tunesmith.data.formats import load_examples
+from tunesmith.data.render import as_rows, render
+from tunesmith.models import load_model
+from tunesmith.stages.loop import Loop, micro_batch_rows, plan_steps
+from tunesmith.tuning import apply_tuning
+
+
+def first_step_gradients(tiny_path, tokenizer, tmp_path, micro, accumulation):
+    rows_in = chat_rows(8)
+    for i, row in enumerate(rows_in):  # unequal lengths make the normalisation matter
+        row["output"] += " and more words" * (i % 4)
+    loaded = load_examples([str(write_jsonl(tmp_path / "t.jsonl", rows_in))])
+    rows = as_rows([render(tokenizer, e) for e in loaded.examples])
+    torch.manual_seed(0)
+    model = apply_tuning(load_model(tiny_path), TuningConfig(method="full"))
+    training = TrainingConfig(max_steps=1, micro_batch_size=micro, gradient_accumulation=accumulation,
+                              max_grad_norm=None, seed=3)
+    loop = Loop(model, rows, [], training, tmp_path, tokenizer.pad_token_id, torch.device("cpu"))
+    grads = {}
+    loop.optimizer.register_step_pre_hook(
+        lambda *_: grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    loop.run()
+    return grads
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_the_whole_batch(tiny_path, tokenizer, tmp_path):
+    whole = first_step_gradients(tiny_path, tokenizer, tmp_path / "a", micro=4, accumulation=1)
+    split = first_step_gradients(tiny_path, tokenizer, tmp_path / "b", micro=1, accumulation=4)
+    assert whole.keys() == split.keys()
+    for name in whole:
+        assert torch.allclose(whole[name], split[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_data_order_is_a_function_of_seed_and_epoch(tmp_path):
+    rows = list(range(10))
+    training = TrainingConfig(micro_batch_size=3, seed=1)
+    plan = plan_steps(len(rows), training)
+    assert plan.micro_batches_per_epoch == 4
+    epoch0 = [micro_batch_rows(rows, i, training, 4) for i in range(4)]
+    assert sorted(r for batch in epoch0 for r in batch) == rows  # every row once per epoch
+    assert epoch0 == [micro_batch_rows(rows, i, training, 4) for i in range(4)]
+    assert [micro_batch_rows(rows, i, training, 4) for i in range(4, 8)] != epoch0  # reshuffled next epoch
+
+
+def test_plan_counts_steps_from_epochs_or_max_steps():
+    assert plan_steps(10, TrainingConfig(micro_batch_size=2, gradient_accumulation=2, epochs=2)).total_steps == 5
+    assert plan_steps(10, TrainingConfig(max_steps=7)).total_steps == 7
