@@ -99,3 +99,12 @@ def test_real_process_has_no_traceback_and_help_is_fast(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import sys, tunesmith.cli; print('torch' in sys.modules)"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False", "the CLI must not import torch at start-up"
+
+
+def test_quickstart_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, _, err = run_cli("quickstart", "--out", str(out), capsys=capsys)
+    assert code == 2 and "already holds a run" in err
+    assert (out / "notes.txt").read_text() == "keep me"

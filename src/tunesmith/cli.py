@@ -237,8 +237,19 @@ def quickstart(
 
     recipe_path = Path(__file__).parent / "samples" / "quickstart.yaml"
     config = load_recipe(recipe_path, [f"output_dir={out}", *(overrides or [])])
-    run_recipe(config, overwrite=True)
+    run_recipe(config, overwrite=_holds_quickstart(out, config.data.train))
     _console().print(f"\ntalk to it: [bold]tunesmith chat --model {out}[/bold]")
+
+
+def _holds_quickstart(out: Path, train_files: list[str]) -> bool:
+    """A re-run may replace an earlier quickstart's folder, never anything else."""
+    import yaml
+
+    saved = out / "recipe.yaml"
+    if not saved.is_file():
+        return False
+    data = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("data") or {}
+    return data.get("train") == train_files
 
 
 def main() -> None:
