@@ -18,7 +18,10 @@ def loss_plot(path: str | Path, train: list[tuple[int, float]], evals: list[tupl
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, losses = zip(*train)
-        ax.plot(steps, losses, label="train loss", color="#4C72B0", linewidth=1.2, alpha=0.8)
+        noisy = len(losses) >= 10
+        ax.plot(steps, losses, label="train loss", color="#4C72B0", linewidth=1.0, alpha=0.35 if noisy else 0.9)
+        if noisy:
+            ax.plot(steps, smooth(losses), label="train loss (moving average)", color="#4C72B0", linewidth=1.8)
     if evals:
         steps, losses = zip(*evals)
         ax.plot(steps, losses, "o-", label="eval loss", color="#DD8452", linewidth=1.6)
@@ -34,3 +37,15 @@ def loss_plot(path: str | Path, train: list[tuple[int, float]], evals: list[tupl
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def smooth(values: list[float], window: int = 0) -> list[float]:
+    """Trailing moving average (window ~ a tenth of the run) so a noisy curve shows its trend."""
+    window = window or max(2, len(values) // 10)
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
