@@ -12,8 +12,8 @@ from __future__ import annotations
 from rich.console import Console
 
 from tunesmith.config import Recipe
-from tunesmith.data.render import length_stats, pack_blocks
-from tunesmith.stages.common import check_output_dir, format_rows, load_split, open_base, render_all, train_causal_lm
+from tunesmith.data.render import length_stats, pack_blocks, render
+from tunesmith.stages.common import check_output_dir, format_rows, load_split, open_base, train_causal_lm
 
 
 def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool = False) -> dict:
@@ -24,8 +24,8 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     block = recipe.training.max_length
 
     # 2. Tokenise whole documents (no truncation: blocks cut them) and pack into blocks.
-    samples, _, _ = render_all(base.tokenizer, split.train, 10**9, "truncate")
-    eval_samples, _, _ = render_all(base.tokenizer, split.validation, 10**9, "truncate")
+    samples = [render(base.tokenizer, e) for e in split.train]
+    eval_samples = [render(base.tokenizer, e) for e in split.validation]
     rows, eval_rows = pack_blocks(samples, block), pack_blocks(eval_samples, block)
     console.print(
         f"data: {len(split.train):,} train / {len(split.validation):,} validation documents; skipped {split.skipped}; "
