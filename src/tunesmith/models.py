@@ -184,7 +184,7 @@ def _gguf_cache(gguf: Path, name: str) -> Path:
         except Exception as exc:
             raise TunesmithError(f"model.path: cannot read GGUF file {gguf} ({type(exc).__name__}: {exc}); "
                                  "check that it is a complete GGUF model file") from None
-        Console(stderr=True).print(f"[dim]Converting {gguf.name} to a safetensors cache (once, ~20 s)...[/dim]")
+        Console(stderr=True, soft_wrap=True).print(f"[dim]Converting {gguf.name} to a safetensors cache (once, ~20 s)...[/dim]")
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
