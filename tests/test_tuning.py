@@ -63,3 +63,15 @@ def test_dora_and_named_targets(model):
 def test_bad_lora_targets_are_errors(model):
     with pytest.raises(TunesmithError, match="tuning.lora.target_modules"):
         apply_tuning(model, TuningConfig(method="lora", lora={"target_modules": ["nonexistent"]}))
+
+
+def test_top_layers_trains_the_top_blocks_and_what_sits_above(model):
+    apply_tuning(model, TuningConfig(method="freeze", top_layers=1))
+    names = trainable_names(model)
+    assert names == {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")} | {"model.norm.weight"}
+    with pytest.raises(TunesmithError, match=r"tuning.top_layers: 3 is more than the model's 2 layers"):
+        apply_tuning(model, TuningConfig(method="freeze", top_layers=3))
+
+
+def test_none_freezes_everything(model):
+    assert count_parameters(apply_tuning(model, TuningConfig(method="none"))).trainable == 0

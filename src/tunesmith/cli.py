@@ -60,6 +60,12 @@ def run_recipe(config, resume: bool = False, overwrite: bool = False, preview_to
     console = _console()
     console.print(f"[bold]tunesmith[/bold] {config.stage} · {config.tuning.method} · model {config.model.path} "
                   f"→ {config.output_dir}")
+    if config.stage == "classify":
+        from tunesmith.stages import classify
+
+        summary = classify.run(config, console, resume=resume, overwrite=overwrite)
+        _print_classification(console, summary, Path(config.output_dir))
+        return summary
     if config.stage == "pretrain":
         from tunesmith.stages import pretrain
 
@@ -95,6 +101,25 @@ def _print_summary(console, summary: dict, out: Path) -> None:
         console.print(f"[bold]prompt:[/bold] {summary['prompt']}", markup=True)
         console.print(f"[bold]answer before:[/bold] {summary['answer_before']}")
         console.print(f"[bold]answer after:[/bold]  {summary['answer_after']}")
+
+
+def _print_classification(console, summary: dict, out: Path) -> None:
+    from rich.table import Table
+
+    report = summary["report"]
+    table = Table(title=f"{summary['scored_split']}: accuracy {report['accuracy']:.4f} · macro-F1 "
+                        f"{report['macro_f1']:.4f} · ECE {report['ece']:.4f} ({report['examples']:,} texts)")
+    for column in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for name, row in report["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", f"{row['support']:,}")
+    console.print(table)
+    embeds = ", ".join(f"{k} {'cached' if v['cached'] else 'computed'} {v['seconds']:.1f} s"
+                       for k, v in summary["embeddings"].items())
+    console.print(f"embeddings: {embeds}; head: {summary['head_training']['seconds']:.1f} s; "
+                  f"peak memory {summary['peak_rss_gib']:.2f} GiB")
+    console.print(f"output: {out} (confusion matrix: {out / 'confusion.png'}); "
+                  f"predict with: tunesmith predict {out} --input FILE")
 
 
 # --- data inspect ----------------------------------------------------------------------------
@@ -223,6 +248,46 @@ def generate(
     lines = [json.dumps({"prompt": c[-1]["content"], "answer": a}) for c, a in zip(conversations, answers)]
     write_text_atomic(output, "\n".join(lines) + "\n")
     _console().print(f"wrote {len(answers)} answers to {output}")
+
+
+@app.command()
+def predict(
+    classifier: Annotated[Path, typer.Argument(help="output folder of a `stage: classify` run")],
+    input: Annotated[str, typer.Option("--input", help="texts: .jsonl/.json/.csv/.parquet with a text column, .txt (one per line), or - for stdin lines")],
+    output: Annotated[Optional[Path], typer.Option("--output", help="where to write; .csv for CSV, else JSONL (default: stdout)")] = None,
+    text_field: Annotated[str, typer.Option(help="column holding the text")] = "text",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+) -> None:
+    """Label texts with a saved classifier: the label and every class probability, as JSONL or CSV."""
+    from tunesmith.classifier import load_classifier
+    from tunesmith.data.prompts import read_texts
+    from tunesmith.files import write_text_atomic
+
+    _quiet_libraries()
+    texts = read_texts(input, text_field, stdin=sys.stdin)
+    model = load_classifier(classifier)
+    model.embedder.batch_size = batch_size
+    probabilities = model.predict_proba(texts).tolist()
+    names = model.spec.labels
+    if output is not None and output.suffix.lower() == ".csv":
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["text", "label", *(f"p_{n}" for n in names)])
+        for text, probs in zip(texts, probabilities):
+            writer.writerow([text, names[max(range(len(probs)), key=probs.__getitem__)], *(f"{p:.6f}" for p in probs)])
+        write_text_atomic(output, buffer.getvalue())
+    else:
+        lines = [json.dumps({"text": text, "label": names[max(range(len(probs)), key=probs.__getitem__)],
+                             "probabilities": dict(zip(names, (round(p, 6) for p in probs)))})
+                 for text, probs in zip(texts, probabilities)]
+        if output is None:
+            sys.stdout.write("\n".join(lines) + "\n")
+            return
+        write_text_atomic(output, "\n".join(lines) + "\n")
+    _console().print(f"wrote {len(texts)} predictions to {output}")
 
 
 # --- quickstart ----------------------------------------------------------------------------------

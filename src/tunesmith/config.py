@@ -45,13 +45,17 @@ class DataConfig(_Strict):
     train: list[str] = Field(..., description="file(s): .jsonl .json .csv .parquet or a `datasets` folder")
     validation: list[str] | None = Field(None, description="held-out file(s); default: split validation_fraction off train")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    format: Literal["auto", "text", "alpaca", "messages"] = "auto"
-    text_field: str = Field("text", description="column holding raw text for format `text`")
+    test: list[str] | None = Field(None, description="classify: file(s) scored once at the end (accuracy, F1, calibration)")
+    format: Literal["auto", "text", "alpaca", "messages", "classification"] = "auto"
+    text_field: str = Field("text", description="column holding raw text (formats text and classification)")
+    label_field: str = Field("label", description="classify: column holding the label")
+    label_type: Literal["auto", "int", "str"] = Field("auto", description="classify: labels are ints (class ids) or strings (names)")
+    labels_file: str | None = Field(None, description="classify: JSON of class names: a list, or {id: name}")
     max_rows: int | None = Field(None, gt=0, description="read at most this many training rows")
     skip_bad_rows: bool = Field(False, description="skip invalid rows (and count them) instead of stopping")
     overlong: Literal["truncate", "error"] = Field("truncate", description="samples longer than training.max_length")
 
-    @field_validator("train", "validation", mode="before")
+    @field_validator("train", "validation", "test", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -75,15 +79,17 @@ class LoraConfig(_Strict):
 class TuningConfig(_Strict):
     """What is trainable."""
 
-    method: Literal["full", "freeze", "lora"] = "lora"
+    method: Literal["none", "full", "freeze", "lora"] = Field("lora", description="none: the base stays frozen (classify)")
     freeze_layers: int = Field(0, ge=0, description="freeze: freeze the embeddings and the bottom N blocks")
+    top_layers: int = Field(0, ge=0, description="freeze: train only the top N blocks (and the final norm)")
     trainable_modules: list[str] = Field(default_factory=list, description="freeze: train only parameters matching these names")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @model_validator(mode="after")
     def _freeze_needs_a_rule(self) -> TuningConfig:
-        if self.method == "freeze" and not (self.freeze_layers or self.trainable_modules):
-            raise ValueError("method freeze needs freeze_layers > 0 or trainable_modules")
+        rules = sum(bool(x) for x in (self.freeze_layers, self.top_layers, self.trainable_modules))
+        if self.method == "freeze" and rules != 1:
+            raise ValueError("method freeze needs exactly one of freeze_layers > 0, top_layers > 0 or trainable_modules")
         return self
 
 
@@ -107,15 +113,59 @@ class TrainingConfig(_Strict):
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
 
 
+class ClassifierConfig(_Strict):
+    """stage classify: how texts become vectors and which head learns the labels."""
+
+    pooling: Literal["auto", "last", "mean", "cls"] = Field("auto", description="auto: last token for decoders, mean for encoders")
+    layer: int = Field(-1, description="hidden layer to pool: -1 is the last, -2 the one below, 0 the embeddings")
+    max_length: int = Field(256, gt=1, description="tokens per text when embedding")
+    embed_batch_size: int = Field(32, gt=0)
+    head: Literal["linear", "mlp"] = "linear"
+    hidden_sizes: list[int] = Field(default_factory=lambda: [256], description="mlp: sizes of the hidden layers")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(100, gt=0, description="most epochs for the head (early stopping usually ends sooner)")
+    patience: int = Field(5, gt=0, description="stop after this many epochs without a better validation loss")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(64, gt=0)
+    class_weights: Literal["none", "balanced"] = Field("none", description="balanced: weight classes by inverse frequency")
+    finetune_epochs: int = Field(1, gt=0, description="tuning lora/freeze: epochs of end-to-end training after the head")
+    finetune_learning_rate: float = Field(1e-4, gt=0)
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("give one or more positive layer sizes")
+        return value
+
+
 class Recipe(_Strict):
     """A whole run: base model, stage, data, what is trainable, how to train, where results go."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
-    stage: Literal["pretrain", "sft"] = "sft"
+    stage: Literal["pretrain", "sft", "classify"] = "sft"
     data: DataConfig
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     output_dir: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _classify_defaults_to_a_frozen_base(cls, value: Any) -> Any:
+        # Repurposing starts from frozen embeddings; other stages start from LoRA.
+        if isinstance(value, dict) and value.get("stage") == "classify" and "method" not in (value.get("tuning") or {}):
+            value = {**value, "tuning": {**(value.get("tuning") or {}), "method": "none"}}
+        return value
+
+    @model_validator(mode="after")
+    def _stage_fits_tuning(self) -> Recipe:
+        if self.tuning.method == "none" and self.stage != "classify":
+            raise ValueError(f"tuning.method none trains nothing in stage {self.stage}; use full, freeze or lora")
+        if self.tuning.method == "full" and self.stage == "classify":
+            raise ValueError("stage classify trains a head on a frozen base (none), with LoRA (lora) or top layers (freeze)")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -177,7 +227,7 @@ def _apply_override(raw: dict, item: str) -> tuple[str, ...]:
             child = {}
         node[k] = child
         node = child
-    if keys[0] == "data" and keys[-1] in ("train", "validation") and len(keys) == 2 and value:
+    if keys[0] == "data" and keys[-1] in ("train", "validation", "test") and len(keys) == 2 and value:
         value = [str(Path(v).expanduser()) for v in ([value] if isinstance(value, str) else value)]
     node[keys[-1]] = value
     return keys
@@ -187,12 +237,14 @@ def _resolve_data_paths(raw: dict, folder: Path) -> None:
     data = raw.get("data")
     if not isinstance(data, dict):
         return
-    for key in ("train", "validation"):
+    for key in ("train", "validation", "test"):
         value = data.get(key)
         if isinstance(value, str):
             value = [value]
         if isinstance(value, list):
             data[key] = [str(_relative_to(folder, v)) if isinstance(v, str) else v for v in value]
+    if isinstance(data.get("labels_file"), str):
+        data["labels_file"] = str(_relative_to(folder, data["labels_file"]))
 
 
 def _relative_to(folder: Path, value: str) -> Path:

