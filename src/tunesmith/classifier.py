@@ -53,6 +53,14 @@ class HeadTraining:
     seconds: float
     history: list[dict] = field(default_factory=list)
 
+    @property
+    def best_loss(self) -> float:
+        return self.history[self.best_epoch - 1]["val_loss"]
+
+    @property
+    def best_accuracy(self) -> float | None:
+        return self.history[self.best_epoch - 1]["val_accuracy"]
+
 
 def class_weights(labels: torch.Tensor, n_classes: int, mode: str) -> torch.Tensor | None:
     """balanced: n / (k * count_c), so every class weighs the same in the loss."""

@@ -117,9 +117,11 @@ class ClassifierConfig(_Strict):
     """stage classify: how texts become vectors and which head learns the labels."""
 
     pooling: Literal["auto", "last", "mean", "cls"] = Field("auto", description="auto: last token for decoders, mean for encoders")
-    layer: int = Field(-1, description="hidden layer to pool: -1 is the last, -2 the one below, 0 the embeddings")
+    layer: int | Literal["auto"] = Field(-1, description="hidden layer to pool: -1 the last, -2 the one below, 0 the "
+                                               "embeddings; auto: try several in one pass, keep the best on validation")
     max_length: int = Field(256, gt=1, description="tokens per text when embedding")
     embed_batch_size: int = Field(32, gt=0)
+    cache_dir: str | None = Field(None, description="embedding cache folder (default $TUNESMITH_HOME/embeddings)")
     head: Literal["linear", "mlp"] = "linear"
     hidden_sizes: list[int] = Field(default_factory=lambda: [256], description="mlp: sizes of the hidden layers")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)

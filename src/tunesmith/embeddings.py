@@ -76,16 +76,26 @@ class Embedder:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
-    def forward(self, texts: list[str]) -> "torch.Tensor":
-        """Pooled vectors for one batch (with gradients if the model has trainable parameters)."""
-        batch = self.encode(texts)
-        wants_layer = self.layer != -1
-        out = self.model(**batch, output_hidden_states=wants_layer)
-        hidden = out.hidden_states[self.layer] if wants_layer else out.last_hidden_state
-        return pool(hidden, batch["attention_mask"], self.pooling).float()
+    def forward(self, texts: list[str], layers: list[int] | None = None) -> "torch.Tensor":
+        """Pooled vectors for one batch (with gradients if the model has trainable parameters).
 
-    def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> "torch.Tensor":
-        """Vectors for all texts, in order. Batches group texts of similar length to waste little on padding."""
+        With `layers`, returns [batch, len(layers), dim]: every layer from the same forward pass.
+        """
+        import torch
+
+        batch = self.encode(texts)
+        wanted = layers if layers is not None else [self.layer]
+        all_layers = wanted != [-1]
+        out = self.model(**batch, output_hidden_states=all_layers)
+        hidden = [out.hidden_states[k] if all_layers else out.last_hidden_state for k in wanted]
+        pooled = [pool(h, batch["attention_mask"], self.pooling).float() for h in hidden]
+        return torch.stack(pooled, dim=1) if layers is not None else pooled[0]
+
+    def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None,
+              layers: list[int] | None = None) -> "torch.Tensor":
+        """Vectors for all texts, in order ([n, dim], or [n, len(layers), dim] with `layers`).
+
+        Batches group texts of similar length, so little compute goes to padding."""
         import torch
 
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -95,13 +105,19 @@ class Embedder:
         with torch.no_grad():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                vectors = self.forward([texts[i] for i in idx]).cpu()
+                vectors = self.forward([texts[i] for i in idx], layers).cpu()
                 for i, v in zip(idx, vectors):
                     out[i] = v
                 if on_batch:
                     on_batch(len(idx))
         self.model.train(was_training)
         return torch.stack(out) if out else torch.empty(0)
+
+
+def candidate_layers(n_layers: int) -> list[int]:
+    """Layers worth trying as features: evenly from a quarter of the depth up to the last (as negative indices)."""
+    picks = {round(n_layers * f) for f in (0.25, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)} | {n_layers}
+    return sorted((k - n_layers - 1 for k in picks if 1 <= k <= n_layers), reverse=True)
 
 
 def model_fingerprint(folder: str | Path) -> str:
@@ -114,10 +130,9 @@ def model_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(fingerprint: str, embedder: Embedder, texts: list[str]) -> str:
+def cache_key(fingerprint: str, embedder: Embedder, texts: list[str], layer: int) -> str:
     digest = hashlib.sha256(json.dumps({
-        "model": fingerprint, "pooling": embedder.pooling, "layer": embedder.layer,
-        "max_length": embedder.max_length,
+        "model": fingerprint, "pooling": embedder.pooling, "layer": layer, "max_length": embedder.max_length,
     }, sort_keys=True).encode())
     for text in texts:
         digest.update(text.encode("utf-8"))
@@ -127,29 +142,34 @@ def cache_key(fingerprint: str, embedder: Embedder, texts: list[str]) -> str:
 
 @dataclass
 class CachedEmbeddings:
-    vectors: "torch.Tensor"
+    vectors: dict[int, "torch.Tensor"]
     hit: bool
     seconds: float
-    path: Path
+    paths: dict[int, Path]
 
 
 def cached_embed(embedder: Embedder, texts: list[str], fingerprint: str, cache_dir: Path,
-                 on_batch: Callable[[int], None] | None = None) -> CachedEmbeddings:
-    """Embed texts once per (model, layer, pooling, max_length, texts); later calls read the file."""
+                 layers: list[int] | None = None, on_batch: Callable[[int], None] | None = None) -> CachedEmbeddings:
+    """Embed texts once per (model, layer, pooling, max_length, texts); later calls read the files.
+
+    Layers missing from the cache are computed together in one forward pass."""
     from safetensors.torch import load_file, save_file
 
     start = time.perf_counter()
-    path = Path(cache_dir) / f"{cache_key(fingerprint, embedder, texts)}.safetensors"
-    if path.is_file():
-        vectors = load_file(path)["embeddings"]
-        return CachedEmbeddings(vectors, True, time.perf_counter() - start, path)
-    vectors = embedder.embed(texts, on_batch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"embeddings": vectors.contiguous()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return CachedEmbeddings(vectors, False, time.perf_counter() - start, path)
+    layers = layers if layers is not None else [embedder.layer]
+    paths = {k: Path(cache_dir) / f"{cache_key(fingerprint, embedder, texts, k)}.safetensors" for k in layers}
+    vectors = {k: load_file(p)["embeddings"] for k, p in paths.items() if p.is_file()}
+    missing = [k for k in layers if k not in vectors]
+    if missing:
+        computed = embedder.embed(texts, on_batch, layers=missing)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        for j, k in enumerate(missing):
+            vectors[k] = computed[:, j].contiguous()
+            fd, tmp = tempfile.mkstemp(prefix=".emb-", suffix=".safetensors", dir=cache_dir)
+            os.close(fd)
+            try:
+                save_file({"embeddings": vectors[k]}, tmp)
+                os.replace(tmp, paths[k])
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+    return CachedEmbeddings(vectors, not missing, time.perf_counter() - start, paths)

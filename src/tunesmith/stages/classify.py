@@ -25,7 +25,7 @@ from rich.progress import Progress
 from tunesmith.classifier import Classifier, ClassifierSpec, Head, class_weights, train_head
 from tunesmith.config import Recipe
 from tunesmith.data.classification import LabeledText, check_known, label_space, read_labeled
-from tunesmith.embeddings import Embedder, cached_embed, model_fingerprint, resolve_pooling
+from tunesmith.embeddings import Embedder, cached_embed, candidate_layers, model_fingerprint, resolve_pooling
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.metrics import classification_report
 from tunesmith.evaluate.plots import confusion_plot
@@ -60,25 +60,40 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     folder = resolve_base(recipe.model)
     backbone = load_backbone(folder, recipe.model, runtime)
     pooling = resolve_pooling(cfg.pooling, backbone.config)
-    embedder = Embedder(backbone, load_tokenizer(folder), pooling, cfg.layer, cfg.max_length, cfg.embed_batch_size)
+    layers = candidate_layers(backbone.config.num_hidden_layers) if cfg.layer == "auto" else [cfg.layer]
+    if len(layers) > 1 and not validation:
+        raise TunesmithError("classifier.layer: auto picks a layer on the validation split; give data.validation "
+                             "or a data.validation_fraction > 0")
+    embedder = Embedder(backbone, load_tokenizer(folder), pooling, layers[0], cfg.max_length, cfg.embed_batch_size)
     fingerprint = model_fingerprint(folder)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else tunesmith_home() / "embeddings"
+    splits = {name: split for name, split in (("train", train), ("validation", validation), ("test", test)) if split}
     vectors, embed_report = {}, {}
-    for name, split in (("train", train), ("validation", validation), ("test", test)):
-        if split:
-            cached = _embed(embedder, [t.text for t in split], fingerprint, console, name)
-            vectors[name] = cached.vectors
-            embed_report[name] = {"cached": cached.hit, "seconds": round(cached.seconds, 3), "texts": len(split)}
-    labels = {name: torch.tensor([space.index(t.label) for t in split])
-              for name, split in (("train", train), ("validation", validation), ("test", test)) if split}
+    for name, split in splits.items():
+        cached = _embed(embedder, [t.text for t in split], fingerprint, cache_dir, layers, console, name)
+        vectors[name] = cached.vectors
+        embed_report[name] = {"cached": cached.hit, "seconds": round(cached.seconds, 3), "texts": len(split),
+                              "texts_per_second": None if cached.hit else round(len(split) / cached.seconds, 1)}
+    labels = {name: torch.tensor([space.index(t.label) for t in split]) for name, split in splits.items()}
     console.print("embeddings: " + ", ".join(
         f"{k} {'cached' if v['cached'] else 'computed'} {v['seconds']:.1f} s" for k, v in embed_report.items()))
 
-    # 3. The head on frozen vectors.
-    dim = vectors["train"].shape[1]
-    head = Head(dim, len(space.names), cfg.head, cfg.hidden_sizes, cfg.dropout)
-    fit = train_head(head, vectors["train"], labels["train"], vectors.get("validation"), labels.get("validation"),
-                     cfg, recipe.training.seed)
+    # 3. The head on frozen vectors (one per candidate layer with layer: auto; the best on validation wins).
+    fits = {}
+    for layer in layers:
+        head = Head(vectors["train"][layer].shape[1], len(space.names), cfg.head, cfg.hidden_sizes, cfg.dropout)
+        fit = train_head(head, vectors["train"][layer], labels["train"], vectors.get("validation", {}).get(layer),
+                         labels.get("validation"), cfg, recipe.training.seed)
+        fits[layer] = (head, fit)
+    layer = min(layers, key=lambda k: fits[k][1].best_loss)
+    head, fit = fits[layer]
+    embedder.layer = layer
+    vectors = {name: by_layer[layer] for name, by_layer in vectors.items()}
+    if len(layers) > 1:
+        console.print("layers (validation accuracy): " + ", ".join(
+            f"{k}: {fits[k][1].best_accuracy:.3f}" for k in layers) + f" → layer {layer}")
     console.print(f"head ({cfg.head}) trained in {fit.seconds:.1f} s: {fit.epochs} epochs, best at {fit.best_epoch}")
+    dim = vectors["train"].shape[1]
     head.to(runtime.torch_device)
 
     # 4. Optional end-to-end tuning from the probe's solution.
@@ -95,7 +110,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     if not scored:
         raise TunesmithError("data: nothing to score; give data.test, data.validation or a validation_fraction > 0")
     classifier = Classifier(ClassifierSpec(
-        base=recipe.model.model_dump(mode="json"), base_folder=str(folder), pooling=pooling, layer=cfg.layer,
+        base=recipe.model.model_dump(mode="json"), base_folder=str(folder), pooling=pooling, layer=layer,
         max_length=cfg.max_length, labels=space.names, label_keys=space.keys,
         head={"dim": dim, "kind": cfg.head, "hidden_sizes": cfg.hidden_sizes, "dropout": cfg.dropout},
         tuning=recipe.tuning.method,
@@ -116,10 +131,11 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     _write_predictions(out / f"predictions_{scored_name}.jsonl", scored, true_names, probabilities, space.names)
     summary = {
         "stage": "classify", "method": recipe.tuning.method, "base": recipe.model.path, "pooling": pooling,
-        "layer": cfg.layer, "head": cfg.head, "classes": space.names, "scored_split": scored_name,
+        "layer": layer, "head": cfg.head, "classes": space.names, "scored_split": scored_name,
         "accuracy": round(report["accuracy"], 4), "macro_f1": round(report["macro_f1"], 4),
         "ece": round(report["ece"], 4), "embeddings": embed_report,
         "head_training": {"seconds": round(fit.seconds, 2), "epochs": fit.epochs, "best_epoch": fit.best_epoch},
+        "layers_tried": {str(k): round(fits[k][1].best_accuracy, 4) for k in layers} if len(layers) > 1 else None,
         "finetune": finetune, "peak_rss_gib": round(peak_rss_gib(), 2),
     }
     write_text_atomic(out / "metrics.json", json.dumps(report, indent=2) + "\n")
@@ -138,11 +154,11 @@ def _split(texts: list[LabeledText], fraction: float, seed: int) -> tuple[list[L
     return [t for i, t in enumerate(texts) if i not in held], [texts[i] for i in sorted(held)]
 
 
-def _embed(embedder: Embedder, texts: list[str], fingerprint: str, console: Console, name: str):
+def _embed(embedder: Embedder, texts: list[str], fingerprint: str, cache_dir: Path, layers: list[int],
+           console: Console, name: str):
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"embedding {name}", total=len(texts))
-        return cached_embed(embedder, texts, fingerprint, tunesmith_home() / "embeddings",
-                            on_batch=lambda n: progress.advance(task, n))
+        return cached_embed(embedder, texts, fingerprint, cache_dir, layers, on_batch=lambda n: progress.advance(task, n))
 
 
 def _finetune(embedder: Embedder, head: Head, train: list[LabeledText], y: torch.Tensor,
