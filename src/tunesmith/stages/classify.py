@@ -163,19 +163,40 @@ def _embed(embedder: Embedder, texts: list[str], fingerprint: str, cache_dir: Pa
 
 def _finetune(embedder: Embedder, head: Head, train: list[LabeledText], y: torch.Tensor,
               validation: list[LabeledText], val_y: torch.Tensor | None, recipe: Recipe, console: Console) -> dict:
-    """Backbone (LoRA or top layers) and head together, on texts; returns the epoch history."""
+    """Backbone (LoRA or top layers) and head together, on texts.
+
+    Early stopping includes epoch 0: the probe alone. If no epoch beats it on validation loss,
+    the probe's weights are kept, and the summary says so."""
     cfg, training = recipe.classifier, recipe.training
     torch.manual_seed(training.seed)
-    params = [p for p in embedder.model.parameters() if p.requires_grad] + list(head.parameters())
+    trainable = [(n, p) for n, p in embedder.model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trainable] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.finetune_learning_rate, weight_decay=training.weight_decay)
     weights = class_weights(y, head.net[-1].out_features, cfg.class_weights)
     loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.to(head.mean.device))
     batch, accumulate = training.micro_batch_size, training.gradient_accumulation
-    history, start = [], time.perf_counter()
     y = y.to(head.mean.device)
-    steps_per_epoch = -(-len(train) // batch)
+
+    def validate(epoch: int, seconds: float) -> dict:
+        record = {"epoch": epoch, "seconds": round(seconds, 1)}
+        if validation:
+            head.eval()
+            with torch.no_grad():
+                logits = head(embedder.embed([t.text for t in validation]).to(head.mean.device))
+            record["val_loss"] = float(torch.nn.functional.cross_entropy(logits, val_y.to(logits.device)))
+            record["val_accuracy"] = float((logits.argmax(-1).cpu() == val_y).float().mean())
+        console.print(f"  fine-tune epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+        return record
+
+    def snapshot() -> dict:
+        return {"backbone": {n: p.detach().clone() for n, p in trainable},
+                "head": {k: v.clone() for k, v in head.state_dict().items()}}
+
+    history = [validate(0, 0.0)]
+    best, best_state = history[0].get("val_loss", float("inf")), snapshot()
+    start = time.perf_counter()
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("fine-tuning", total=steps_per_epoch * cfg.finetune_epochs)
+        task = progress.add_task("fine-tuning", total=-(-len(train) // batch) * cfg.finetune_epochs)
         for epoch in range(1, cfg.finetune_epochs + 1):
             embedder.model.train()
             head.train()
@@ -190,18 +211,21 @@ def _finetune(embedder: Embedder, head: Head, train: list[LabeledText], y: torch
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 progress.advance(task)
-            head.eval()
-            record = {"epoch": epoch, "seconds": round(time.perf_counter() - start, 1)}
-            if validation:
-                with torch.no_grad():
-                    logits = head(embedder.embed([t.text for t in validation]).to(head.mean.device))
-                    record["val_loss"] = float(torch.nn.functional.cross_entropy(logits, val_y.to(logits.device)))
-                    record["val_accuracy"] = float((logits.argmax(-1).cpu() == val_y).float().mean())
-            history.append(record)
-            console.print(f"  fine-tune epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch"))
+            history.append(validate(epoch, time.perf_counter() - start))
+            if not validation or history[-1]["val_loss"] < best:
+                best, best_state = history[-1].get("val_loss", best), snapshot()
+    seconds = time.perf_counter() - start
+    kept = next(r["epoch"] for r in history if r.get("val_loss", best) == best) if validation else cfg.finetune_epochs
+    with torch.no_grad():
+        for name, param in trainable:
+            param.copy_(best_state["backbone"][name])
+    head.load_state_dict(best_state["head"])
     embedder.model.eval()
-    return {"epochs": history, "seconds": round(time.perf_counter() - start, 1),
-            "texts_per_second": round(len(train) * cfg.finetune_epochs / (time.perf_counter() - start), 1)}
+    head.eval()
+    if kept == 0:
+        console.print("  fine-tuning did not beat the frozen probe on validation loss: the probe is kept")
+    return {"epochs": history, "kept_epoch": kept, "seconds": round(seconds, 1),
+            "texts_per_second": round(len(train) * cfg.finetune_epochs / seconds, 1)}
 
 
 def _write_predictions(path: Path, texts: list[LabeledText], true_names: list[str], probabilities: torch.Tensor,
