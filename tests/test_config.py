@@ -102,3 +102,10 @@ def test_every_shipped_recipe_is_valid_and_says_how_to_run_it(path):
     assert any("tunesmith " in line and line.startswith("#") for line in header), "header must give the command"
     for file in recipe.data.train + (recipe.data.validation or []):
         assert Path(file).exists() or file.startswith(str(REPO.parent / "shared")), file
+
+
+def test_classifier_prompt_needs_a_text_slot(tmp_path):
+    with pytest.raises(TunesmithError, match=r"classifier.prompt: the prompt needs a \{text\} slot"):
+        load_recipe(write_recipe(tmp_path), ["stage=classify", "classifier.prompt=Say the sentiment"])
+    recipe = load_recipe(write_recipe(tmp_path, tuning={}), ["stage=classify"])
+    assert recipe.tuning.method == "none"  # classify starts from a frozen base unless told otherwise

@@ -59,3 +59,12 @@ def test_several_layers_in_one_pass_equal_one_layer_at_a_time(tiny_path):
 def test_candidate_layers_span_the_upper_three_quarters():
     assert candidate_layers(30) == [-1, -4, -7, -10, -13, -16, -19, -23]
     assert candidate_layers(2) == [-1, -2]
+
+
+def test_a_prompt_wraps_each_text_and_is_part_of_the_cache_key(tiny_path, tmp_path):
+    plain = Embedder(load_backbone(tiny_path), load_tokenizer(tiny_path), "last")
+    prompted = Embedder(plain.model, plain.tokenizer, "last", prompt="Review: {text}\nSentiment:")
+    assert prompted.encode(["fun"])["input_ids"].tolist() == plain.encode(["Review: fun\nSentiment:"])["input_ids"].tolist()
+    key = model_fingerprint(tiny_path)
+    cached_embed(plain, TEXTS, key, tmp_path)
+    assert not cached_embed(prompted, TEXTS, key, tmp_path).hit

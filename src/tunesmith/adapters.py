@@ -8,6 +8,7 @@ base in tunesmith's own terms (a built-in name, a GGUF, a folder).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,3 +98,97 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, tolerance: float
         merged_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return MergeReport(out_dir, diff, len(MERGE_PROMPTS))
+
+
+# --- the registry: named adapters on disk ---------------------------------------------------
+
+ENTRY_FILE = "entry.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def registry_dir() -> Path:
+    from tunesmith.models import tunesmith_home
+
+    return tunesmith_home() / "adapters"
+
+
+def check_name(name: str) -> str:
+    """Letters, digits and -_. only (no path separators, no leading dot): a name is never a path."""
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise TunesmithError(f"adapter name {name!r}: use 1-64 letters, digits, '-', '_' or '.', starting with a "
+                             "letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    base: str
+    task: str
+    created: str
+    size_bytes: int
+    source: str
+    metrics: dict
+
+
+def add_adapter(source: str | Path, name: str | None = None, task: str | None = None, replace: bool = False,
+                root: Path | None = None) -> Entry:
+    """Copy a PEFT adapter folder (a tunesmith LoRA run, or any PEFT adapter) into the registry under `name`."""
+    import datetime
+    import shutil
+
+    source = Path(source)
+    if not is_adapter_dir(source):
+        raise TunesmithError(f"{source}: no {ADAPTER_CONFIG} here; give the output folder of a LoRA run or a PEFT adapter")
+    name = check_name(name or source.resolve().name)
+    root = root or registry_dir()
+    target = root / name
+    if target.exists() and not replace:
+        raise TunesmithError(f"adapter {name!r} is already registered; pass --replace or choose another --name")
+    base = adapter_base(source).path
+    recipe = _read_yaml(source / "recipe.yaml")
+    summary = _read_json(source / "summary.json")
+    kept = ("eval_loss_before", "eval_loss_after", "perplexity_after", "steps", "tokens")
+    with building_dir(target) as tmp:
+        for path in source.iterdir():
+            if path.is_file():
+                shutil.copy2(path, tmp / path.name)
+        size = sum(p.stat().st_size for p in tmp.iterdir() if p.name.startswith("adapter_model"))
+        entry = Entry(name=name, base=base, task=task or recipe.get("stage") or "unknown",
+                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      size_bytes=size, source=str(source.resolve()),
+                      metrics={k: summary[k] for k in kept if k in summary})
+        (tmp / ENTRY_FILE).write_text(json.dumps(entry.__dict__, indent=2) + "\n")
+    return entry
+
+
+def list_adapters(root: Path | None = None) -> list[Entry]:
+    root = root or registry_dir()
+    if not root.is_dir():
+        return []
+    return [Entry(**_read_json(p / ENTRY_FILE)) for p in sorted(root.iterdir()) if (p / ENTRY_FILE).is_file()]
+
+
+def get_adapter(name: str, root: Path | None = None) -> Entry:
+    path = (root or registry_dir()) / check_name(name)
+    if not (path / ENTRY_FILE).is_file():
+        known = ", ".join(e.name for e in list_adapters(root)) or "none yet"
+        raise TunesmithError(f"adapter {name!r} is not registered (registered: {known}); add it with "
+                             "`tunesmith adapters add RUN_DIR --name NAME`")
+    return Entry(**_read_json(path / ENTRY_FILE))
+
+
+def remove_adapter(name: str, root: Path | None = None) -> Entry:
+    import shutil
+
+    entry = get_adapter(name, root)
+    shutil.rmtree((root or registry_dir()) / entry.name)
+    return entry
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _read_yaml(path: Path) -> dict:
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}

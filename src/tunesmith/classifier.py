@@ -123,6 +123,7 @@ class ClassifierSpec:
     label_keys: list
     head: dict
     tuning: str
+    prompt: str | None = None
     format_version: int = 1
 
 
@@ -179,5 +180,5 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> Classifier:
     head = Head(head_cfg["dim"], len(spec.labels), head_cfg["kind"], head_cfg["hidden_sizes"], head_cfg["dropout"])
     head.load_state_dict(load_file(folder / "head.safetensors"))
     head.to(next(backbone.parameters()).device).eval()
-    embedder = Embedder(backbone, load_tokenizer(base), spec.pooling, spec.layer, spec.max_length)
+    embedder = Embedder(backbone, load_tokenizer(base), spec.pooling, spec.layer, spec.max_length, prompt=spec.prompt)
     return Classifier(spec, embedder, head)

@@ -16,6 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Adapt a pretrained language model to your task, and measure which route wins.")
 data_app = typer.Typer(no_args_is_help=True, help="Look at data the way the model will see it.")
 app.add_typer(data_app, name="data")
+adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry: named LoRA adapters on disk ($TUNESMITH_HOME/adapters).")
+app.add_typer(adapters_app, name="adapters")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="recipe overrides: key.sub=value ...", show_default=False)]
 
@@ -288,6 +290,73 @@ def predict(
             return
         write_text_atomic(output, "\n".join(lines) + "\n")
     _console().print(f"wrote {len(texts)} predictions to {output}")
+
+
+# --- adapters registry -------------------------------------------------------------------------
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """Registered adapters: name, base, task, size, created, eval loss."""
+    from rich.table import Table
+
+    from tunesmith.adapters import list_adapters, registry_dir
+
+    entries = list_adapters()
+    table = Table(title=f"adapters in {registry_dir()}")
+    for column in ("name", "base", "task", "size", "created", "eval loss"):
+        table.add_column(column)
+    for e in entries:
+        loss = e.metrics.get("eval_loss_after")
+        table.add_row(e.name, e.base, e.task, f"{e.size_bytes / 2**20:.1f} MiB", e.created,
+                      "-" if loss is None else f"{loss:.4f}")
+    _console().print(table if entries else "no adapters registered; add one with `tunesmith adapters add RUN_DIR`")
+
+
+@adapters_app.command("add")
+def adapters_add(
+    source: Annotated[Path, typer.Argument(help="output folder of a LoRA run, or any PEFT adapter folder")],
+    name: Annotated[Optional[str], typer.Option(help="registry name (default: the folder's name)")] = None,
+    task: Annotated[Optional[str], typer.Option(help="what it is for (default: the run's stage)")] = None,
+    replace: Annotated[bool, typer.Option(help="replace an adapter registered under the same name")] = False,
+) -> None:
+    """Register an adapter under a name."""
+    from tunesmith.adapters import add_adapter
+
+    entry = add_adapter(source, name, task, replace)
+    _console().print(f"registered {entry.name!r} (base {entry.base}, {entry.size_bytes / 2**20:.1f} MiB)")
+
+
+@adapters_app.command("show")
+def adapters_show(name: Annotated[str, typer.Argument()]) -> None:
+    """Everything the registry knows about one adapter."""
+    from tunesmith.adapters import get_adapter
+
+    print(json.dumps(get_adapter(name).__dict__, indent=2))
+
+
+@adapters_app.command("remove")
+def adapters_remove(name: Annotated[str, typer.Argument()]) -> None:
+    """Delete an adapter from the registry."""
+    from tunesmith.adapters import remove_adapter
+
+    _console().print(f"removed {remove_adapter(name).name!r}")
+
+
+@adapters_app.command("export")
+def adapters_export(
+    name: Annotated[str, typer.Argument()],
+    merged: Annotated[Path, typer.Option("--merged", help="folder for the standalone merged model")],
+    tolerance: Annotated[float, typer.Option(help="largest allowed |logit| difference merged vs base+adapter")] = 1e-3,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --merged folder")] = False,
+) -> None:
+    """Merge a registered adapter into its base (checked against base+adapter) and save it standalone."""
+    from tunesmith.adapters import get_adapter, merge_adapter, registry_dir
+
+    _quiet_libraries()
+    entry = get_adapter(name)
+    report = merge_adapter(registry_dir() / entry.name, merged, tolerance=tolerance, overwrite=overwrite)
+    _console().print(f"merged {entry.name!r} into {report.out_dir}; max |logit difference| vs base+adapter: "
+                     f"{report.max_abs_diff:.2e} (tolerance {tolerance:g})")
 
 
 # --- quickstart ----------------------------------------------------------------------------------

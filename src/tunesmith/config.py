@@ -120,6 +120,8 @@ class ClassifierConfig(_Strict):
     layer: int | Literal["auto"] = Field(-1, description="hidden layer to pool: -1 the last, -2 the one below, 0 the "
                                                "embeddings; auto: try several in one pass, keep the best on validation")
     max_length: int = Field(256, gt=1, description="tokens per text when embedding")
+    prompt: str | None = Field(None, description="wrap each text, e.g. 'Review: {text}\\nSentiment:' (decoders pool "
+                                                 "the last token, so a task prompt focuses it)")
     embed_batch_size: int = Field(32, gt=0)
     cache_dir: str | None = Field(None, description="embedding cache folder (default $TUNESMITH_HOME/embeddings)")
     head: Literal["linear", "mlp"] = "linear"
@@ -133,6 +135,13 @@ class ClassifierConfig(_Strict):
     class_weights: Literal["none", "balanced"] = Field("none", description="balanced: weight classes by inverse frequency")
     finetune_epochs: int = Field(1, gt=0, description="tuning lora/freeze: epochs of end-to-end training after the head")
     finetune_learning_rate: float = Field(1e-4, gt=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_slot(cls, value: str | None) -> str | None:
+        if value is not None and "{text}" not in value:
+            raise ValueError("the prompt needs a {text} slot where the text goes")
+        return value
 
     @field_validator("hidden_sizes")
     @classmethod

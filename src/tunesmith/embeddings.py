@@ -63,6 +63,7 @@ class Embedder:
     layer: int = -1
     max_length: int = 256
     batch_size: int = 32
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
         self.tokenizer.padding_side = "right"
@@ -73,6 +74,8 @@ class Embedder:
 
     def encode(self, texts: list[str]) -> dict:
         device = next(self.model.parameters()).device
+        if self.prompt:
+            texts = [self.prompt.replace("{text}", t) for t in texts]
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
@@ -133,6 +136,7 @@ def model_fingerprint(folder: str | Path) -> str:
 def cache_key(fingerprint: str, embedder: Embedder, texts: list[str], layer: int) -> str:
     digest = hashlib.sha256(json.dumps({
         "model": fingerprint, "pooling": embedder.pooling, "layer": layer, "max_length": embedder.max_length,
+        "prompt": embedder.prompt,
     }, sort_keys=True).encode())
     for text in texts:
         digest.update(text.encode("utf-8"))

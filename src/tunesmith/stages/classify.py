@@ -64,7 +64,8 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     if len(layers) > 1 and not validation:
         raise TunesmithError("classifier.layer: auto picks a layer on the validation split; give data.validation "
                              "or a data.validation_fraction > 0")
-    embedder = Embedder(backbone, load_tokenizer(folder), pooling, layers[0], cfg.max_length, cfg.embed_batch_size)
+    embedder = Embedder(backbone, load_tokenizer(folder), pooling, layers[0], cfg.max_length, cfg.embed_batch_size,
+                        cfg.prompt)
     fingerprint = model_fingerprint(folder)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else tunesmith_home() / "embeddings"
     splits = {name: split for name, split in (("train", train), ("validation", validation), ("test", test)) if split}
@@ -113,7 +114,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
         base=recipe.model.model_dump(mode="json"), base_folder=str(folder), pooling=pooling, layer=layer,
         max_length=cfg.max_length, labels=space.names, label_keys=space.keys,
         head={"dim": dim, "kind": cfg.head, "hidden_sizes": cfg.hidden_sizes, "dropout": cfg.dropout},
-        tuning=recipe.tuning.method,
+        tuning=recipe.tuning.method, prompt=cfg.prompt,
     ), embedder, head)
     if recipe.tuning.method == "none":
         with torch.no_grad():
