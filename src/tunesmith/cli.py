@@ -50,7 +50,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue the run in output_dir from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace whatever output_dir holds")] = False,
 ) -> None:
-    """Train a model as the recipe says (stage: pretrain | sft)."""
+    """Train a model as the recipe says (stage: pretrain | sft | classify)."""
     from tunesmith.config import load_recipe
 
     config = load_recipe(recipe, overrides or [])
@@ -366,7 +366,7 @@ def quickstart(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/quickstart"),
     overrides: Overrides = None,
 ) -> None:
-    """LoRA SFT of the default model on 500 shipped Alpaca rows (~5 min on 2 CPU cores): loss and an answer before/after."""
+    """LoRA SFT of the default model on 500 shipped Alpaca rows (~4 min on 2 CPU cores): loss and an answer before/after."""
     from tunesmith.config import load_recipe
 
     recipe_path = Path(__file__).parent / "samples" / "quickstart.yaml"
