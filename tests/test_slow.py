@@ -59,3 +59,13 @@ def test_quickstart_command_runs_the_shipped_recipe(tmp_path, capsys):
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["method"] == "lora"
     assert (tmp_path / "qs" / "adapter_model.safetensors").is_file()
+
+
+def test_frozen_default_model_classifies_sst2_sentences_well_above_chance(tmp_path, capsys):
+    code, out, err = run_cli("train", str(SAMPLES.parents[2] / "examples" / "classify_sst2.yaml"),
+                             f"output_dir={tmp_path / 'cls'}", "data.max_rows=300", "classifier.layer=-10",
+                             f"classifier.cache_dir={tmp_path / 'cache'}", capsys=capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "cls" / "summary.json").read_text())
+    assert summary["accuracy"] > 0.7 and summary["scored_split"] == "test"
+    assert "test: accuracy" in out and (tmp_path / "cls" / "confusion.png").is_file()
