@@ -127,3 +127,10 @@ def test_predict_refuses_a_folder_without_a_classifier(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("hello\n")
     code, _, err = run_cli("predict", str(tmp_path), "--input", str(tmp_path / "t.txt"), capsys=capsys)
     assert code == 2 and "no classifier.json here" in err
+
+
+def test_nothing_to_score_is_refused_before_any_embedding(tmp_path, capsys):
+    path = make_recipe(tmp_path)
+    code, _, err = run_cli("train", str(path), "data.test=null", "data.validation_fraction=0", capsys=capsys)
+    assert code == 2 and "nothing to score" in err
+    assert not (tmp_path / "embeddings").exists()

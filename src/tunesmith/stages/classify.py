@@ -45,13 +45,15 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     kw = dict(text_field=data.text_field, label_field=data.label_field, label_type=data.label_type,
               skip_bad_rows=data.skip_bad_rows)
     train, skipped = read_labeled(data.train, max_rows=data.max_rows, **kw)
-    space = label_space(train, data.labels_file, data.train[0])
     if data.validation:
         validation, _ = read_labeled(data.validation, **kw)
     else:
         train, validation = _split(train, data.validation_fraction, recipe.training.seed)
     test, _ = read_labeled(data.test, **kw) if data.test else ([], 0)
+    space = label_space(train, data.labels_file, data.train[0])  # the classes the head will actually see
     check_known(validation + test, space)
+    if not (test or validation):
+        raise TunesmithError("data: nothing to score; give data.test, data.validation or a validation_fraction > 0")
     console.print(f"data: {len(train):,} train / {len(validation):,} validation / {len(test):,} test texts, "
                   f"{len(space.names)} classes ({', '.join(space.names)}); skipped {skipped}")
 
@@ -108,8 +110,6 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     # 5. Score, save, summarise.
     scored_name = "test" if test else "validation"
     scored = test or validation
-    if not scored:
-        raise TunesmithError("data: nothing to score; give data.test, data.validation or a validation_fraction > 0")
     classifier = Classifier(ClassifierSpec(
         base=recipe.model.model_dump(mode="json"), base_folder=str(folder), pooling=pooling, layer=layer,
         max_length=cfg.max_length, labels=space.names, label_keys=space.keys,
