@@ -38,12 +38,10 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def adapter_base(adapter_dir: Path) -> ModelConfig:
     """The base an adapter was trained on: from its recipe, else from its PEFT config."""
-    recipe = adapter_dir / "recipe.yaml"
-    if recipe.is_file():
-        model = (yaml.safe_load(recipe.read_text()) or {}).get("model")
-        if model:
-            return ModelConfig.model_validate(model)
-    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    model = _read_yaml(adapter_dir / "recipe.yaml").get("model")
+    if model:
+        return ModelConfig.model_validate(model)
+    base = _read_json(adapter_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not base:
         raise TunesmithError(f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path: missing; cannot find the base")
     return ModelConfig(path=base)
