@@ -13,13 +13,18 @@ def read_prompts(path: str | Path) -> list[list[dict[str, str]]]:
     """Each prompt as a chat that ends with the user's turn (a trailing assistant answer is dropped)."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise TunesmithError(f"{path}: file not found")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not lines:
-            raise TunesmithError(f"{path}: file is empty; write one prompt per line")
-        return [[{"role": "user", "content": line}] for line in lines]
+        return [[{"role": "user", "content": line}] for line in read_lines(path, "prompt")]
     return [_prompt_of(row) for row in read_rows(path)]
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """The non-blank lines of a .txt file, one item each."""
+    if not path.is_file():
+        raise TunesmithError(f"{path}: file not found")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise TunesmithError(f"{path}: file is empty; write one {what} per line")
+    return lines
 
 
 def _prompt_of(row: Row) -> list[dict[str, str]]:
@@ -68,12 +73,7 @@ def read_texts(source: str, text_field: str = "text", stdin=None) -> list[str]:
         return texts
     path = Path(source)
     if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise TunesmithError(f"{path}: file not found")
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            raise TunesmithError(f"{path}: file is empty; write one text per line")
-        return texts
+        return read_lines(path, "text")
     texts = []
     for row in read_rows(path):
         value = row.value.get(text_field) if isinstance(row.value, dict) else None
