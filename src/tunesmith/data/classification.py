@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunesmith.data.formats import SHOWN_PROBLEMS, Problem, Row, read_rows
+from tunesmith.data.formats import Problem, Row, raise_for_problems, read_rows
 from tunesmith.errors import TunesmithError
 
 
@@ -44,13 +44,8 @@ def read_labeled(paths: list[str], text_field: str, label_field: str, label_type
     for row in rows:
         result = _check(row, text_field, label_field, kind)
         (problems if isinstance(result, Problem) else good).append(result)
-    if problems and not skip_bad_rows:
-        if len(problems) == 1:
-            raise TunesmithError(f"{problems[0]} (fix the row, or set data.skip_bad_rows=true to skip it)")
-        shown = "\n".join(str(p) for p in problems[:SHOWN_PROBLEMS])
-        more = f"\n... and {len(problems) - SHOWN_PROBLEMS} more bad rows" if len(problems) > SHOWN_PROBLEMS else ""
-        raise TunesmithError(f"{shown}{more}\n{len(problems)} of {len(rows)} rows are invalid; fix them, "
-                             "or set data.skip_bad_rows=true to skip them")
+    if not skip_bad_rows:
+        raise_for_problems(problems, len(rows))
     if not good:
         raise TunesmithError(f"{paths[0]}: no valid labelled rows")
     return good, len(problems)

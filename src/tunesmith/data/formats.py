@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,17 +256,30 @@ def load_examples(paths: list[str], fmt: str = "auto", text_field: str = "text",
     if fmt == "auto":
         fmt = detect_format(rows, text_field)
     examples, problems = validate(rows, fmt, text_field)
-    if len(problems) == 1 and not skip_bad_rows:
-        raise TunesmithError(f"{problems[0]} (1 of {len(rows)} rows is invalid for format '{fmt}'; fix it, "
-                             "or set data.skip_bad_rows=true to skip it)")
-    if problems and not skip_bad_rows:
-        shown = "\n".join(str(p) for p in problems[:SHOWN_PROBLEMS])
-        more = f"\n... and {len(problems) - SHOWN_PROBLEMS} more bad rows" if len(problems) > SHOWN_PROBLEMS else ""
-        raise TunesmithError(
-            f"{shown}{more}\n{len(problems)} of {len(rows)} rows are invalid for format '{fmt}'; "
-            "fix them, or set data.skip_bad_rows=true to skip them"
-        )
+    if not skip_bad_rows:
+        raise_for_problems(problems, len(rows), f" for format '{fmt}'")
     if not examples:
         raise TunesmithError(f"{paths[0]}: no valid rows for format '{fmt}'")
     return LoadedData(fmt, examples, skipped=len(problems))
 
+
+def raise_for_problems(problems: list[Problem], total: int, kind: str = "") -> None:
+    """Stop with every bad row named: one line for one problem; else the first ten, a count and what to do."""
+    if len(problems) == 1:
+        raise TunesmithError(f"{problems[0]} (1 of {total} rows is invalid{kind}; fix it, "
+                             "or set data.skip_bad_rows=true to skip it)")
+    if problems:
+        shown = "\n".join(str(p) for p in problems[:SHOWN_PROBLEMS])
+        more = f"\n... and {len(problems) - SHOWN_PROBLEMS} more bad rows" if len(problems) > SHOWN_PROBLEMS else ""
+        raise TunesmithError(f"{shown}{more}\n{len(problems)} of {total} rows are invalid{kind}; "
+                             "fix them, or set data.skip_bad_rows=true to skip them")
+
+
+def split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded random `fraction` (at least one item) of `items`; both parts keep their order."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(len(items) * fraction))])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from rich.progress import Progress
 from tunesmith.classifier import Classifier, ClassifierSpec, Head, class_weights, train_head
 from tunesmith.config import Recipe
 from tunesmith.data.classification import LabeledText, check_known, label_space, read_labeled
+from tunesmith.data.formats import split_off
 from tunesmith.embeddings import Embedder, cached_embed, candidate_layers, model_fingerprint, resolve_pooling
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.metrics import classification_report
@@ -48,7 +48,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     if data.validation:
         validation, _ = read_labeled(data.validation, **kw)
     else:
-        train, validation = _split(train, data.validation_fraction, recipe.training.seed)
+        train, validation = split_off(train, data.validation_fraction, recipe.training.seed)
     test, _ = read_labeled(data.test, **kw) if data.test else ([], 0)
     space = label_space(train, data.labels_file, data.train[0])  # the classes the head will actually see
     check_known(validation + test, space)
@@ -143,16 +143,6 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     summary["report"] = report
     return summary
-
-
-def _split(texts: list[LabeledText], fraction: float, seed: int) -> tuple[list[LabeledText], list[LabeledText]]:
-    if fraction <= 0 or len(texts) < 2:
-        return texts, []
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(texts) * fraction))
-    held = set(order[:n_val])
-    return [t for i, t in enumerate(texts) if i not in held], [texts[i] for i in sorted(held)]
 
 
 def _embed(embedder: Embedder, texts: list[str], fingerprint: str, cache_dir: Path, layers: list[int],

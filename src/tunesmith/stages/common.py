@@ -7,7 +7,6 @@ checks all data and renders it before it touches the output folder.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tunesmith.config import Recipe
-from tunesmith.data.formats import Example, load_examples
+from tunesmith.data.formats import Example, load_examples, split_off
 from tunesmith.data.render import PackedRow, Sample, fit_length, render
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.plots import loss_plot
@@ -55,14 +54,8 @@ def load_split(recipe: Recipe) -> Split:
     if data.validation:
         held = load_examples(data.validation, loaded.format, data.text_field, data.skip_bad_rows)
         return Split(train, held.examples, loaded.format, skipped + held.skipped)
-    n_val = round(len(train) * data.validation_fraction) if data.validation_fraction > 0 else 0
-    if data.validation_fraction > 0 and len(train) >= 2:
-        n_val = max(1, n_val)
-    order = list(range(len(train)))
-    random.Random(recipe.training.seed).shuffle(order)
-    held_out = set(order[:n_val])
-    return Split([e for i, e in enumerate(train) if i not in held_out], [train[i] for i in sorted(held_out)],
-                 loaded.format, skipped)
+    train, held_out = split_off(train, data.validation_fraction, recipe.training.seed)
+    return Split(train, held_out, loaded.format, skipped)
 
 
 def render_all(tokenizer, examples: list[Example], max_length: int, policy: str) -> tuple[list[Sample], int, int]:
@@ -266,8 +259,8 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
         "steps": result.steps, "tokens": result.tokens,
         "train_seconds": round(result.seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
         "eval_loss_before": _round(before, 4), "eval_loss_after": _round(after, 4),
-        "perplexity_before": _round(before and perplexity(before), 3),
-        "perplexity_after": _round(after and perplexity(after), 3),
+        "perplexity_before": None if before is None else round(perplexity(before), 3),
+        "perplexity_after": None if after is None else round(perplexity(after), 3),
     }
     if preview:
         prompt, answer = preview(model)
