@@ -172,9 +172,9 @@ def load_classifier(folder: str | Path, device: str = "cpu") -> Classifier:
 
         backbone = PeftModel.from_pretrained(backbone, folder / "adapter")
     elif spec.tuning == "freeze":
-        missing = backbone.load_state_dict(load_file(folder / "backbone.safetensors"), strict=False).unexpected_keys
-        if missing:
-            raise TunesmithError(f"{folder / 'backbone.safetensors'}: weights {missing[:3]} do not fit the base model")
+        unexpected = backbone.load_state_dict(load_file(folder / "backbone.safetensors"), strict=False).unexpected_keys
+        if unexpected:
+            raise TunesmithError(f"{folder / 'backbone.safetensors'}: weights {unexpected[:3]} do not fit the base model")
     backbone.eval()
     head_cfg = spec.head
     head = Head(head_cfg["dim"], len(spec.labels), head_cfg["kind"], head_cfg["hidden_sizes"], head_cfg["dropout"])
