@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +76,26 @@ def run_cli(*args: str, capsys=None) -> tuple[int, str, str]:
         sys.argv = old
     out, err = capsys.readouterr() if capsys else ("", "")
     return code, out, err
+
+
+ADAPTER_NAMES = ("cats", "dogs", "birds", "fish", "owls", "bees", "ants", "crabs")
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory, tiny_path) -> dict[str, Path]:
+    """Eight distinct adapters for the tiny base (random, non-zero LoRA weights), saved as PEFT folders."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_path)
+    runs = {}
+    for seed, name in enumerate(ADAPTER_NAMES):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=4 + 4 * (seed % 2), lora_alpha=64, target_modules="all-linear", init_lora_weights=False,
+                            task_type="CAUSAL_LM")
+        folder = tmp_path_factory.mktemp(name)
+        get_peft_model(load_model(tiny_path), config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        runs[name] = folder
+    return runs

@@ -292,6 +292,53 @@ def predict(
     _console().print(f"wrote {len(texts)} predictions to {output}")
 
 
+# --- serve -------------------------------------------------------------------------------------
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="the base: built-in name, HF folder, hub id or .gguf")] = "smollm2-135m-instruct",
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="serve NAME=FOLDER too (repeatable)")] = None,
+    registry: Annotated[bool, typer.Option(help="serve every registry adapter trained on this base")] = True,
+    host: Annotated[str, typer.Option(help="address to bind; anything but loopback needs --api-key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="TUNESMITH_API_KEY", help="Bearer key every request must send")] = None,
+    admin_key: Annotated[Optional[str], typer.Option(envvar="TUNESMITH_ADMIN_KEY", help="Bearer key for /v1/load_lora_adapter and /v1/unload_lora_adapter (disabled without one)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    max_loaded_adapters: Annotated[int, typer.Option(min=1, help="adapters kept in memory; least recently used are unloaded")] = 16,
+    max_batch_rows: Annotated[int, typer.Option(min=1, help="rows decoded together")] = 32,
+    max_queue: Annotated[int, typer.Option(min=1, help="waiting requests before 429")] = 256,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1)] = 4096,
+    max_tokens_cap: Annotated[int, typer.Option(min=1, help="largest max_tokens a request may ask for")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1024)] = 1 << 20,
+) -> None:
+    """OpenAI-compatible server: one base, many LoRA adapters, the adapter chosen per request by `model`."""
+    from tunesmith.serve.app import ServeSettings, serve as run_server
+
+    _quiet_libraries()
+    extra = {}
+    for item in adapter or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise TunesmithError(f"--adapter {item}: write NAME=FOLDER")
+        extra[name] = folder
+    settings = ServeSettings(model=model, adapters=extra, registry=registry, host=host, port=port, api_key=api_key,
+                             admin_key=admin_key, device=device, max_loaded_adapters=max_loaded_adapters,
+                             max_batch_rows=max_batch_rows, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+                             max_tokens_cap=max_tokens_cap, max_body_bytes=max_body_bytes)
+    console = _console()
+
+    def ready(served) -> None:
+        names = sorted(served.pool.servable)
+        console.print(f"serving {served.base_id} with {len(names)} adapter(s)"
+                      f"{': ' + ', '.join(names[:10]) + (' ...' if len(names) > 10 else '') if names else ''}")
+        for line in served.skipped:
+            console.print(f"[yellow]skipped[/yellow] {line}")
+        console.print(f"OpenAI-compatible API on http://{host}:{port}/v1  (API key: "
+                      f"{'required' if api_key else 'none'}; adapter loading: {'on' if admin_key else 'off'})")
+
+    run_server(settings, on_ready=ready)
+
+
 # --- adapters registry -------------------------------------------------------------------------
 
 @adapters_app.command("list")

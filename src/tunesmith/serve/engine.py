@@ -1,17 +1,23 @@
 """Batched generation where every row may use a different LoRA adapter (or none).
 
 One base model stays in memory with any number of adapters loaded into one PEFT model;
-requests decoded together pass PEFT's per-row `adapter_names`, so a batch can mix
-adapters. Each row has its own sampling settings (greedy, temperature, top-p, seed), stop
-strings and token budget. Prompts are left-padded; a KV cache makes each step cost one token.
+rows decoded together pass PEFT's per-row `adapter_names`, so a batch can mix adapters.
+Each row has its own sampling settings (greedy, temperature, top-p, seed), stop strings and
+token budget. Prompts are left-padded; a KV cache makes each step cost one token per row.
+
+`Batch` is continuous: new rows join a running batch between steps (their prompts are
+prefilled alone, then their caches are left-padded to the batch's width and stacked), and
+finished rows leave at once, so a short request never waits for a long one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tunesmith.errors import TunesmithError
 
@@ -33,7 +39,7 @@ class Request:
 class Completion:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (end token or stop string) or "length"
+    finish_reason: str  # "stop" (end token or stop string), "length", or "cancelled"
     prompt_tokens: int
 
 
@@ -49,62 +55,173 @@ def choose_token(logits: torch.Tensor, request: Request, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    ids.discard(None)
+    return ids
+
+
+@dataclass
+class Row:
+    request: Request
+    key: Any  # the caller's handle for this row, passed back in events
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # text already reported
+    finish: str | None = None
+    cancelled: bool = False
+
+    def completion(self) -> Completion:
+        return Completion(self.tokens, self.text, self.finish or "length", len(self.request.prompt_ids))
+
+
+@dataclass
+class Event:
+    key: Any
+    text: str  # new text since the last event for this row (may be "")
+    done: Completion | None = None  # set on the row's last event
+
+
+class Batch:
+    """Rows decoding together; `add` joins rows between steps, `step` advances every row one token."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.rows: list[Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [rows, columns] 1 where the cache holds a real token
+        self.logits: torch.Tensor | None = None  # [rows, vocab] for each row's next token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def adapters_in_use(self) -> set[str]:
+        return {r.request.adapter for r in self.rows if r.request.adapter}
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, adapters: list[str | None]):
+        extra = {}
+        if getattr(self.model, "peft_config", None):
+            extra["adapter_names"] = [a or BASE for a in adapters]
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                          **extra).logits[:, -1].float()
+
+    @torch.no_grad()
+    def add(self, requests: list[Request], keys: list[Any] | None = None) -> None:
+        """Prefill `requests` together and join them to the running rows."""
+        if not requests:
+            return
+        from transformers import DynamicCache
+
+        loaded = set(getattr(self.model, "peft_config", {}))
+        for r in requests:
+            if r.adapter is not None and r.adapter not in loaded:
+                raise TunesmithError(f"adapter {r.adapter!r} is not loaded")
+            if not r.prompt_ids:
+                raise TunesmithError("empty prompt: give at least one token")
+        keys = keys if keys is not None else list(range(len(self.rows), len(self.rows) + len(requests)))
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
+                            device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in requests])
+        rows = [Row(r, k, torch.Generator(device="cpu").manual_seed(r.seed) if r.seed is not None else None)
+                for r, k in zip(requests, keys)]
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.logits = rows, cache, mask, logits
+            return
+        old, new = self.mask.shape[1], mask.shape[1]
+        for mine, theirs in zip(self._layers(self.cache), self._layers(cache)):
+            mine.keys = torch.cat([_pad_left(mine.keys, new - old), _pad_left(theirs.keys, old - new)])
+            mine.values = torch.cat([_pad_left(mine.values, new - old), _pad_left(theirs.values, old - new)])
+        self.mask = torch.cat([F.pad(self.mask, (max(new - old, 0), 0)), F.pad(mask, (max(old - new, 0), 0))])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows += rows
+
+    def cancel(self, key: Any) -> None:
+        for row in self.rows:
+            if row.key == key:
+                row.cancelled = True
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Pick every row's next token, report new text, retire finished rows, and run the model once."""
+        events = []
+        logits = self.logits.cpu()
+        for i, row in enumerate(self.rows):
+            request = row.request
+            if row.cancelled:
+                row.finish = "cancelled"
+            else:
+                token = choose_token(logits[i], request, row.generator)
+                if token in self.stop_ids:
+                    row.finish = "stop"
+                else:
+                    row.tokens.append(token)
+                    text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                    cut = min((text.find(s) for s in request.stop if s and s in text), default=-1)
+                    if cut >= 0:
+                        text, row.finish = text[:cut], "stop"
+                    elif len(row.tokens) >= request.max_tokens:
+                        row.finish = "length"
+                    if len(text) > len(row.text) and (row.finish or not text.endswith("\ufffd")):
+                        events.append(Event(row.key, text[len(row.text):]))  # never half a character
+                        row.text = text
+            if row.finish:
+                events.append(Event(row.key, "", row.completion()))
+        keep = [i for i, row in enumerate(self.rows) if not row.finish]
+        if len(keep) < len(self.rows):
+            self._retire(keep)
+        if self.rows:
+            step = [row.tokens[-1] for row in self.rows]  # every row still running took a token this step
+            positions = self.mask.sum(-1, keepdim=True)
+            self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=self.device)], 1)
+            ids = torch.tensor([step], device=self.device).T
+            self.logits = self._forward(ids, self.mask, positions, self.cache, [r.request.adapter for r in self.rows])
+        return events
+
+    def _retire(self, keep: list[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.logits = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.mask, self.logits = self.mask[index], self.logits[index]
+        start = int((self.mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every remaining row
+        self.mask = self.mask[:, start:]
+        for layer in self._layers(self.cache):
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+    @staticmethod
+    def _layers(cache) -> list:
+        layers = getattr(cache, "layers", None)
+        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            raise TunesmithError("continuous batching needs a model with a plain KV cache (no sliding window)")
+        return layers
+
+
+def _pad_left(states: torch.Tensor, columns: int) -> torch.Tensor:
+    """Zero key/value columns on the left of [rows, heads, columns, dim] states (masked out by the attention mask)."""
+    return F.pad(states, (0, 0, columns, 0)) if columns > 0 else states
+
+
 def generate(model: torch.nn.Module, tokenizer, requests: list[Request],
              on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
     """Decode all requests together; `on_text(row, text)` receives each row's new text as it appears."""
-    loaded = set(getattr(model, "peft_config", {}))
-    for r in requests:
-        if r.adapter is not None and r.adapter not in loaded:
-            raise TunesmithError(f"adapter {r.adapter!r} is not loaded")
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    width = max(len(r.prompt_ids) for r in requests)
-    ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=device)
-    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"adapter_names": [r.adapter or BASE for r in requests]} if loaded else {}
-    generators = [torch.Generator(device="cpu").manual_seed(r.seed) if r.seed is not None else None for r in requests]
-    stop_ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop_ids.update(configured if isinstance(configured, list) else [configured])
-    stop_ids.discard(None)
-
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                   use_cache=True, **extra).logits[:, -1].float().cpu()
-    tokens: list[list[int]] = [[] for _ in requests]
-    texts = [""] * len(requests)
-    finish: list[str | None] = [None] * len(requests)
-    for _ in range(max(r.max_tokens for r in requests)):
-        step = []
-        for i, request in enumerate(requests):
-            if finish[i]:
-                step.append(pad)
-                continue
-            token = choose_token(logits[i], request, generators[i])
-            step.append(token)
-            if token in stop_ids:
-                finish[i] = "stop"
-                continue
-            tokens[i].append(token)
-            text = tokenizer.decode(tokens[i], skip_special_tokens=True)
-            cut = min((text.find(s) for s in request.stop if s and s in text), default=-1)
-            if cut >= 0:
-                text, finish[i] = text[:cut], "stop"
-            elif len(tokens[i]) >= request.max_tokens:
-                finish[i] = "length"
-            if text.endswith("\ufffd") and not finish[i]:
-                continue  # a character split across tokens: wait for the rest
-            if on_text and len(text) > len(texts[i]):
-                on_text(i, text[len(texts[i]):])
-            texts[i] = text
-        if all(finish):
-            break
-        mask = torch.cat([mask, torch.ones(len(requests), 1, dtype=mask.dtype, device=device)], dim=1)
-        positions = positions[:, -1:] + 1
-        logits = model(input_ids=torch.tensor([step], device=device).T, attention_mask=mask, position_ids=positions,
-                       cache=cache, use_cache=True, **extra).logits[:, -1].float().cpu()
-    return [Completion(tokens[i], texts[i], finish[i] or "length", len(r.prompt_ids)) for i, r in enumerate(requests)]
+    batch = Batch(model, tokenizer)
+    batch.add(requests)
+    done: dict[int, Completion] = {}
+    while batch.rows:
+        for event in batch.step():
+            if on_text and event.text:
+                on_text(event.key, event.text)
+            if event.done:
+                done[event.key] = event.done
+    return [done[i] for i in range(len(requests))]

@@ -12,19 +12,12 @@ ADAPTERS = ("cats", "dogs", "birds")
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_path):
-    """The tiny base with three distinct adapters (random, non-zero LoRA weights) in one PEFT model."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def served(adapter_dirs, tiny_path):
+    """The tiny base with three distinct adapters in one PEFT model."""
+    from peft import PeftModel
 
     tokenizer = load_tokenizer(tiny_path)
-    runs = {}
-    for seed, name in enumerate(ADAPTERS):
-        torch.manual_seed(seed)
-        config = LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
-        folder = tmp_path_factory.mktemp(name)
-        get_peft_model(load_model(tiny_path), config).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        runs[name] = folder
+    runs = {name: adapter_dirs[name] for name in ADAPTERS}
     model = PeftModel.from_pretrained(load_model(tiny_path), runs["cats"], adapter_name="cats")
     for name in ADAPTERS[1:]:
         model.load_adapter(runs[name], adapter_name=name)
@@ -84,3 +77,39 @@ def test_unknown_adapters_are_refused(served):
     model, tokenizer, _ = served
     with pytest.raises(TunesmithError, match="adapter 'fish' is not loaded"):
         generate(model, tokenizer, [Request(prompt(tokenizer), "fish")])
+
+
+def test_rows_that_join_a_running_batch_decode_as_if_alone(served):
+    from tunesmith.serve.engine import Batch
+
+    model, tokenizer, _ = served
+    first = [Request(prompt(tokenizer), "cats", max_tokens=10), Request(prompt(tokenizer, "Hi"), None, max_tokens=3)]
+    later = [Request(prompt(tokenizer, "A much longer question about birds and their songs?"), "birds", max_tokens=8),
+             Request(prompt(tokenizer, "Yo"), "dogs", max_tokens=6)]
+    batch, done = Batch(model, tokenizer), {}
+    batch.add(first, keys=[0, 1])
+    for step in range(40):
+        if step == 2:
+            batch.add(later[:1], keys=[2])  # wider than the running rows
+        if step == 5:
+            batch.add(later[1:], keys=[3])  # after row 1 retired and the batch was trimmed
+        done.update({e.key: e.done for e in batch.step() if e.done})
+        if not batch.rows and step > 5:
+            break
+    alone = [generate(model, tokenizer, [r])[0] for r in first + later]
+    assert [done[i].token_ids for i in range(4)] == [c.token_ids for c in alone]
+
+
+def test_a_cancelled_row_leaves_and_the_others_go_on(served):
+    from tunesmith.serve.engine import Batch
+
+    model, tokenizer, _ = served
+    requests = [Request(prompt(tokenizer), "cats", max_tokens=8), Request(prompt(tokenizer), "dogs", max_tokens=8)]
+    batch, done = Batch(model, tokenizer), {}
+    batch.add(requests, keys=["a", "b"])
+    batch.step()
+    batch.cancel("a")
+    while batch.rows:
+        done.update({e.key: e.done for e in batch.step() if e.done})
+    assert done["a"].finish_reason == "cancelled" and len(done["a"].token_ids) == 1
+    assert done["b"].token_ids == generate(model, tokenizer, [requests[1]])[0].token_ids
