@@ -39,13 +39,14 @@ def test_busy_adapters_are_never_evicted(pool):
     assert caught.value.status == 429
 
 
-def test_unloading_the_last_adapter_serves_the_plain_base_again(pool, tiny_path):
+def test_unloading_the_last_adapter_leaves_the_plain_base(pool, tiny_path):
     reference = load_model(tiny_path).eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     pool.ensure({"cats"}, busy=set())
-    assert pool.model is not pool.base
+    with torch.no_grad(), pool.lora.rows(["cats"]):
+        assert not torch.equal(pool.model(input_ids=ids).logits, reference(input_ids=ids).logits)
     pool.unregister("cats", busy=set())
-    assert pool.model is pool.base and not pool.loaded
+    assert not pool.loaded and not pool.lora.adapters
     with torch.no_grad():
         assert torch.equal(pool.model(input_ids=ids).logits, reference(input_ids=ids).logits)
     with pytest.raises(AdapterError, match="not being served"):

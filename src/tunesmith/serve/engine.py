@@ -1,7 +1,8 @@
 """Batched generation where every row may use a different LoRA adapter (or none).
 
-One base model stays in memory with any number of adapters loaded into one PEFT model;
-rows decoded together pass PEFT's per-row `adapter_names`, so a batch can mix adapters.
+One base model stays in memory with any number of adapters, applied per row by
+`serve.lora.MultiLora` (or, for a PEFT model, by PEFT's per-row `adapter_names`), so a batch can
+mix adapters. Rows are kept sorted by adapter: each adapter's rows form one contiguous slice.
 Each row has its own sampling settings (greedy, temperature, top-p, seed), stop strings and
 token budget. Prompts are left-padded; a KV cache makes each step cost one token per row.
 
@@ -104,12 +105,22 @@ class Batch:
     def adapters_in_use(self) -> set[str]:
         return {r.request.adapter for r in self.rows if r.request.adapter}
 
+    def _loaded(self) -> set[str]:
+        lora = getattr(self.model, "tunesmith_lora", None)
+        return set(lora.adapters) if lora is not None else set(getattr(self.model, "peft_config", {}))
+
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, adapters: list[str | None]):
-        extra = {}
+        def run(**extra):
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                              **extra).logits[:, -1].float()
+
+        lora = getattr(self.model, "tunesmith_lora", None)
+        if lora is not None:
+            with lora.rows(adapters):
+                return run()
         if getattr(self.model, "peft_config", None):
-            extra["adapter_names"] = [a or BASE for a in adapters]
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                          **extra).logits[:, -1].float()
+            return run(adapter_names=[a or BASE for a in adapters])
+        return run()
 
     @torch.no_grad()
     def add(self, requests: list[Request], keys: list[Any] | None = None) -> None:
@@ -118,13 +129,15 @@ class Batch:
             return
         from transformers import DynamicCache
 
-        loaded = set(getattr(self.model, "peft_config", {}))
+        loaded = self._loaded()
         for r in requests:
             if r.adapter is not None and r.adapter not in loaded:
                 raise TunesmithError(f"adapter {r.adapter!r} is not loaded")
             if not r.prompt_ids:
                 raise TunesmithError("empty prompt: give at least one token")
         keys = keys if keys is not None else list(range(len(self.rows), len(self.rows) + len(requests)))
+        order = sorted(range(len(requests)), key=lambda i: _adapter_key(requests[i]))
+        requests, keys = [requests[i] for i in order], [keys[i] for i in order]
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=self.device)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
@@ -144,6 +157,9 @@ class Batch:
         self.mask = torch.cat([F.pad(self.mask, (max(new - old, 0), 0)), F.pad(mask, (max(old - new, 0), 0))])
         self.logits = torch.cat([self.logits, logits])
         self.rows += rows
+        order = sorted(range(len(self.rows)), key=lambda i: _adapter_key(self.rows[i].request))
+        if order != list(range(len(self.rows))):
+            self._select(order)
 
     def cancel(self, key: Any) -> None:
         for row in self.rows:
@@ -188,13 +204,17 @@ class Batch:
         return events
 
     def _retire(self, keep: list[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache = self.mask = self.logits = None
+            self.rows, self.cache, self.mask, self.logits = [], None, None, None
             return
-        index = torch.tensor(keep, device=self.device)
+        self._select(keep)
+
+    def _select(self, index_list: list[int]) -> None:
+        """Keep (and order) rows by index, dropping cache columns that are padding in every kept row."""
+        self.rows = [self.rows[i] for i in index_list]
+        index = torch.tensor(index_list, device=self.device)
         self.mask, self.logits = self.mask[index], self.logits[index]
-        start = int((self.mask.sum(0) > 0).nonzero()[0])  # columns that are padding in every remaining row
+        start = int((self.mask.sum(0) > 0).nonzero()[0])
         self.mask = self.mask[:, start:]
         for layer in self._layers(self.cache):
             layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
@@ -205,6 +225,10 @@ class Batch:
         if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
             raise TunesmithError("continuous batching needs a model with a plain KV cache (no sliding window)")
         return layers
+
+
+def _adapter_key(request: Request) -> str:
+    return request.adapter or ""  # the base's rows first, then each adapter's rows together
 
 
 def _pad_left(states: torch.Tensor, columns: int) -> torch.Tensor:

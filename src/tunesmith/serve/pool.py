@@ -1,5 +1,8 @@
 """The served model: one base in memory, LoRA adapters loaded on demand, least recently used unloaded.
 
+Adapters are applied per row by `serve.lora.MultiLora` (the base's Linear layers wrapped once, in
+place), so the base never changes and a batch can mix adapters and the plain base.
+
 Adapters are *servable* (known by name, on disk) or *loaded* (weights in memory). Requests may
 name any servable adapter; the scheduler asks the pool to load what a batch needs, and the pool
 unloads the least recently used adapters that no running row uses once `max_loaded` is reached.
@@ -8,6 +11,7 @@ Every method runs on the scheduler's thread, between decoding steps.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import torch
 from tunesmith.adapters import ADAPTER_CONFIG, adapter_base, check_name, is_adapter_dir
 from tunesmith.errors import TunesmithError
 from tunesmith.models import resolve_base
+from tunesmith.serve.lora import check_supported
 
 
 class AdapterError(TunesmithError):
@@ -42,7 +47,10 @@ class AdapterPool:
     def __init__(self, base: torch.nn.Module, base_spec: str, base_folder: Path, max_loaded: int = 16) -> None:
         if max_loaded < 1:
             raise TunesmithError("max_loaded_adapters: must be at least 1")
-        self.base, self.model = base, base
+        from tunesmith.serve.lora import MultiLora
+
+        self.base = self.model = base
+        self.lora = MultiLora(base)
         self.base_spec, self.base_folder, self.max_loaded = base_spec, Path(base_folder), max_loaded
         self.servable: dict[str, Path] = {}
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
@@ -57,6 +65,10 @@ class AdapterPool:
         path = Path(path)
         if not is_adapter_dir(path):
             raise AdapterError(f"{path}: no {ADAPTER_CONFIG} here; give a PEFT adapter folder", 404)
+        try:
+            check_supported(path, json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8")))
+        except (TunesmithError, ValueError) as e:
+            raise AdapterError(f"adapter {name!r}: {e}") from None
         other = same_base(path, self.base_spec, self.base_folder)
         if other is not None:
             raise AdapterError(f"adapter {name!r} was trained on base {other!r}, but this server serves "
@@ -95,29 +107,16 @@ class AdapterPool:
             self._load(name)
 
     def _load(self, name: str) -> None:
-        from peft import PeftModel
-
         path = self.servable[name]
         try:
-            if self.model is self.base:
-                self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name)
-            else:
-                self.model.load_adapter(path, adapter_name=name)
-        except Exception as e:  # PEFT raises many kinds for a folder that does not fit the base
+            self.lora.load(name, path)
+        except TunesmithError as e:
+            raise AdapterError(f"adapter {name!r}: {e}") from None
+        except Exception as e:  # unreadable weights
             raise AdapterError(f"adapter {name!r} at {path} could not be loaded: {str(e).splitlines()[0]}") from None
-        self.model.eval()
         self.loaded[name] = None
         self.loads += 1
 
     def _unload(self, name: str) -> None:
-        if len(self.loaded) == 1:
-            # PEFT cannot run with zero adapters; take the LoRA layers out and serve the plain base again.
-            self.model.unload()  # modifies the base in place and returns it
-            self.model = self.base
-        else:
-            import warnings
-
-            with warnings.catch_warnings():  # "adapter X was active, now Y": requests name their adapter anyway
-                warnings.simplefilter("ignore", UserWarning)
-                self.model.delete_adapter(name)
+        self.lora.unload(name)
         del self.loaded[name]
