@@ -1,6 +1,6 @@
 """Serving throughput and latency: one adapter vs eight adapters mixed vs plain sequential generate, in one run.
 
-    .venv/bin/python bench/serve.py                        # SmolLM2-135M, 8 LoRA adapters (about 4 minutes on 2 cores)
+    .venv/bin/python bench/serve.py                        # SmolLM2-135M, 8 LoRA adapters (about 8 minutes on 2 cores)
     .venv/bin/python bench/serve.py --model tiny --requests 32   # smoke run
 
 Eight LoRA adapters (r=16 on every linear layer, random non-zero weights: the cost of a trained
@@ -71,7 +71,13 @@ def make_adapters(model: str, folder: Path) -> list[Path]:
 def summarize(name: str, latencies: list[float], tokens: int, wall: float) -> dict:
     ordered = sorted(latencies)
     return {"contender": name, "requests": len(latencies), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "p50_s": statistics.median(ordered), "p99_s": ordered[int(0.99 * (len(ordered) - 1))]}
+            "p50_s": statistics.median(ordered), "p99_s": ordered[int(0.99 * (len(ordered) - 1))],
+            "latencies": latencies}
+
+
+def merge_rounds(name: str, parts: list[dict]) -> dict:
+    return summarize(name, [x for p in parts for x in p["latencies"]], sum(p["tokens"] for p in parts),
+                     sum(p["wall_s"] for p in parts))
 
 
 def sequential_generate(model: str, adapters: list[Path], texts: list[str], max_tokens: int) -> dict:
@@ -167,10 +173,11 @@ def hammer(url: str, name: str, models: list[str], texts: list[str], max_tokens:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--requests", type=int, default=96, help="requests per server scenario")
+    parser.add_argument("--requests", type=int, default=192, help="requests per server scenario")
     parser.add_argument("--sequential", type=int, default=24, help="requests for the sequential reference")
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3, help="server scenarios alternate this many times")
     args = parser.parse_args()
     texts = prompts(args.requests)
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,9 +186,15 @@ def main() -> None:
         process, url = start_server(args.model, adapters, args.clients)
         try:
             hammer(url, "warm-up", ["adapter0"], texts[: args.clients], 4, args.clients)
-            rows.append(hammer(url, "tunesmith serve, 1 adapter", ["adapter0"], texts, args.max_tokens, args.clients))
-            rows.append(hammer(url, f"tunesmith serve, {ADAPTERS} adapters mixed",
-                               [f"adapter{i}" for i in range(ADAPTERS)], texts, args.max_tokens, args.clients))
+            scenarios = {"tunesmith serve, 1 adapter": ["adapter0"],
+                         f"tunesmith serve, {ADAPTERS} adapters mixed": [f"adapter{i}" for i in range(ADAPTERS)]}
+            rounds: dict[str, list[dict]] = {name: [] for name in scenarios}
+            share = len(texts) // args.rounds
+            for r in range(args.rounds):  # interleaved, so a noisy neighbour hits both alike
+                part = texts[r * share : (r + 1) * share]
+                for name, models in scenarios.items():
+                    rounds[name].append(hammer(url, name, models, part, args.max_tokens, args.clients))
+            rows += [merge_rounds(name, parts) for name, parts in rounds.items()]
         finally:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=60)

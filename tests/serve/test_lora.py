@@ -59,7 +59,7 @@ def test_a_mixed_unsorted_batch_matches_peft_row_by_row(tiny_path, variants):
     with torch.no_grad():
         expected = reference(input_ids=ids[:, :1], adapter_names=[r or "__base__" for r in rows]).logits
         with lora.rows(rows):
-            assert lora.plan.mask is not None
+            assert lora.plan.grouped is not None
             got = ours(input_ids=ids[:, :1]).logits
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
 

@@ -6,9 +6,10 @@ that measured 0.56x the single-adapter throughput (docs/benchmarks.md). Here eac
 keeps all adapters stacked in slots (A rows and scaled B^T rows, ranks zero-padded to the largest).
 The engine keeps its rows sorted by adapter, so each adapter's rows are one contiguous slice:
 prefill and few-adapter steps add `(x[s:e] @ A.T) @ (scale B^T)` into the output slice in place,
-two GEMMs per adapter and no copies; a decode step with many adapters multiplies every row by all
-slots at once and masks out the other slots' columns (two GEMMs in all; the extra FLOPs are
-negligible at one token per row, and each adapter's weights are still read once). Adapters are read from standard PEFT folders (the same files vLLM loads); the result is
+two GEMMs per adapter and no copies; a decode step with many adapters gathers its rows per slot
+(one token each: a few KB) and runs two batched GEMMs over the used slots, so the cost is reading
+each adapter's weights once, with a handful of ops per layer whatever the adapter count. Adapters
+are read from standard PEFT folders (the same files vLLM loads); the result is
 checked against PEFT's own mixed batch in tests/serve/test_lora.py.
 
 Supported: LoRA on Linear layers, per-module ranks and alphas (rank_pattern, alpha_pattern),
@@ -53,11 +54,16 @@ class LoraLinear(nn.Module):
         if plan is None or not self.a.shape[0]:
             return out
         flat_out = out.view(-1, out.shape[-1])
-        if plan.mask is not None and x.shape[1] == 1:
-            # decode step, many adapters: every row against every slot in two GEMMs, other slots masked to zero
-            h = x.reshape(-1, x.shape[-1]) @ self.a.T
-            return flat_out.addmm_(h.mul_(plan.mask), self.bt).view_as(out)
-        width, tokens = self.owner.rank, x.shape[1]
+        width = self.owner.rank
+        if plan.grouped is not None and x.shape[1] == 1:
+            # decode step, many adapters: rows gathered per slot, two batched GEMMs over the used slots
+            g = plan.grouped
+            a = self.a.view(-1, width, self.a.shape[1])[g.first : g.last + 1]
+            bt = self.bt.view(-1, width, self.bt.shape[1])[g.first : g.last + 1]
+            rows = x.reshape(-1, x.shape[-1]).index_select(0, g.source).view(a.shape[0], g.depth, -1)
+            h = torch.bmm(rows, a.transpose(1, 2)).mul_(g.valid)
+            return flat_out.index_add_(0, g.source, torch.bmm(h, bt).view(-1, flat_out.shape[1])).view_as(out)
+        tokens = x.shape[1]
         for slot, start, end in plan.runs:  # contiguous rows per adapter: two GEMMs each, no copies
             block = slice(slot * width, (slot + 1) * width)
             rows = x[start:end].reshape(-1, x.shape[-1])
@@ -65,17 +71,33 @@ class LoraLinear(nn.Module):
         return out
 
 
-class Plan:
-    """How the current forward pass applies adapters: runs of rows per slot, and (many runs) a slot mask."""
+class Grouped:
+    """Rows gathered per slot for a decode step: slot first+k's j-th row is row source[k*depth+j]."""
 
-    def __init__(self, runs: list[tuple[int, int, int]], mask: torch.Tensor | None) -> None:
-        self.runs, self.mask = runs, mask
+    def __init__(self, slots: list[int], adapters_rows: dict[int, list[int]], like: torch.Tensor) -> None:
+        self.first, self.last = min(slots), max(slots)
+        self.depth = max(len(rows) for rows in adapters_rows.values())
+        source, valid = [], []
+        for slot in range(self.first, self.last + 1):
+            rows = adapters_rows.get(slot, [])
+            pad = rows[:1] or [0]  # padding re-reads a real row; `valid` zeroes its contribution
+            source += rows + pad * (self.depth - len(rows))
+            valid += [1.0] * len(rows) + [0.0] * (self.depth - len(rows))
+        self.source = torch.tensor(source, device=like.device)
+        self.valid = torch.tensor(valid, dtype=like.dtype, device=like.device).view(-1, self.depth, 1)
+
+
+class Plan:
+    """How the current forward pass applies adapters: runs of rows per slot, and (many runs) rows grouped by slot."""
+
+    def __init__(self, runs: list[tuple[int, int, int]], grouped: Grouped | None) -> None:
+        self.runs, self.grouped = runs, grouped
 
 
 class MultiLora:
     """Wraps the base's Linear layers (once, in place) and holds adapters in numbered slots."""
 
-    MASKED_FROM = 3  # at this many adapter runs in a decode step, the masked two-GEMM path beats per-run GEMMs
+    GROUPED_FROM = 3  # from this many adapter runs in a decode step, two batched GEMMs beat per-run GEMMs
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -132,13 +154,13 @@ class MultiLora:
                 if adapters[start] is not None:
                     runs.append((self.slots[adapters[start]], start, i))
                 start = i
-        mask = None
-        if len(runs) >= self.MASKED_FROM:
-            like = next(iter(self.layers.values())).a
-            mask = torch.zeros(len(adapters), self.capacity * self.rank, dtype=like.dtype, device=like.device)
+        grouped = None
+        if len(runs) >= self.GROUPED_FROM:
+            per_slot: dict[int, list[int]] = {}
             for slot, first, last in runs:
-                mask[first:last, slot * self.rank : (slot + 1) * self.rank] = 1
-        self.plan = Plan(runs, mask) if runs else None
+                per_slot.setdefault(slot, []).extend(range(first, last))
+            grouped = Grouped(sorted(per_slot), per_slot, next(iter(self.layers.values())).a)
+        self.plan = Plan(runs, grouped) if runs else None
         try:
             yield
         finally:
