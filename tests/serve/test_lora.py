@@ -59,8 +59,16 @@ def test_a_mixed_unsorted_batch_matches_peft_row_by_row(tiny_path, variants):
     with torch.no_grad():
         expected = reference(input_ids=ids[:, :1], adapter_names=[r or "__base__" for r in rows]).logits
         with lora.rows(rows):
-            assert lora.plan.grouped is not None
+            assert lora.plan.grouped is not None and lora.plan.grouped.whole
             got = ours(input_ids=ids[:, :1]).logits
+    assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
+    # a decode step over some of the slots only (the first slot unused), with uneven groups
+    rows = ["patterns", "rslora", "attention", "rslora", None]
+    with torch.no_grad():
+        expected = reference(input_ids=ids[:5, :1], adapter_names=[r or "__base__" for r in rows]).logits
+        with lora.rows(rows):
+            assert not lora.plan.grouped.whole and lora.plan.grouped.valid is not None
+            got = ours(input_ids=ids[:5, :1]).logits
     assert torch.allclose(got, expected, atol=1e-5), float((got - expected).abs().max())
 
 

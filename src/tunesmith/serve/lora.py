@@ -41,8 +41,13 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base, self.owner = base, owner
         like = base.weight
-        self.a = torch.zeros(0, base.in_features, dtype=like.dtype, device=like.device)  # A, rows per slot
-        self.bt = torch.zeros(0, base.out_features, dtype=like.dtype, device=like.device)  # scale * B^T
+        self.set_stacks(torch.zeros(0, base.in_features, dtype=like.dtype, device=like.device),  # A, rows per slot
+                        torch.zeros(0, base.out_features, dtype=like.dtype, device=like.device), 1)  # scale * B^T
+
+    def set_stacks(self, a: torch.Tensor, bt: torch.Tensor, rank: int) -> None:
+        self.a, self.bt = a, bt
+        self.a_t = a.view(-1, rank, a.shape[1]).transpose(1, 2)  # [slots, in, R] views, made once
+        self.bt_3 = bt.view(-1, rank, bt.shape[1])  # [slots, R, out]
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects the module (dtype, device) sees the base's
@@ -54,37 +59,45 @@ class LoraLinear(nn.Module):
         if plan is None or not self.a.shape[0]:
             return out
         flat_out = out.view(-1, out.shape[-1])
-        width = self.owner.rank
         if plan.grouped is not None and x.shape[1] == 1:
             # decode step, many adapters: rows gathered per slot, two batched GEMMs over the used slots
             g = plan.grouped
-            a = self.a.view(-1, width, self.a.shape[1])[g.first : g.last + 1]
-            bt = self.bt.view(-1, width, self.bt.shape[1])[g.first : g.last + 1]
-            rows = x.reshape(-1, x.shape[-1]).index_select(0, g.source).view(a.shape[0], g.depth, -1)
-            h = torch.bmm(rows, a.transpose(1, 2)).mul_(g.valid)
+            a_t, bt = (self.a_t, self.bt_3) if g.whole else (self.a_t[g.first : g.last + 1], self.bt_3[g.first : g.last + 1])
+            h = torch.bmm(g.gather(x), a_t)
             return flat_out.index_add_(0, g.source, torch.bmm(h, bt).view(-1, flat_out.shape[1])).view_as(out)
         tokens = x.shape[1]
         for slot, start, end in plan.runs:  # contiguous rows per adapter: two GEMMs each, no copies
-            block = slice(slot * width, (slot + 1) * width)
             rows = x[start:end].reshape(-1, x.shape[-1])
-            flat_out[start * tokens : end * tokens].addmm_(rows @ self.a[block].T, self.bt[block])
+            flat_out[start * tokens : end * tokens].addmm_(rows @ self.a_t[slot], self.bt_3[slot])
         return out
 
 
 class Grouped:
     """Rows gathered per slot for a decode step: slot first+k's j-th row is row source[k*depth+j]."""
 
-    def __init__(self, slots: list[int], adapters_rows: dict[int, list[int]], like: torch.Tensor) -> None:
+    def __init__(self, slots: list[int], adapters_rows: dict[int, list[int]], capacity: int, like: torch.Tensor) -> None:
         self.first, self.last = min(slots), max(slots)
+        self.whole = self.first == 0 and self.last == capacity - 1
         self.depth = max(len(rows) for rows in adapters_rows.values())
         source, valid = [], []
         for slot in range(self.first, self.last + 1):
             rows = adapters_rows.get(slot, [])
-            pad = rows[:1] or [0]  # padding re-reads a real row; `valid` zeroes its contribution
+            pad = rows[:1] or [0]  # padding re-reads a real row; `valid` zeroes it
             source += rows + pad * (self.depth - len(rows))
             valid += [1.0] * len(rows) + [0.0] * (self.depth - len(rows))
         self.source = torch.tensor(source, device=like.device)
-        self.valid = torch.tensor(valid, dtype=like.dtype, device=like.device).view(-1, self.depth, 1)
+        self.valid = None if all(valid) else torch.tensor(valid, dtype=like.dtype, device=like.device).view(-1, 1)
+        self._input: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x's rows per slot, [slots, depth, in]; q/k/v (and gate/up) share one input, so it is gathered once."""
+        if self._input is not x:  # identity, not address: the reference keeps x alive, so it cannot be reused
+            rows = x.reshape(-1, x.shape[-1]).index_select(0, self.source)
+            if self.valid is not None:
+                rows.mul_(self.valid)
+            self._input, self._rows = x, rows.view(self.last - self.first + 1, self.depth, -1)
+        return self._rows
 
 
 class Plan:
@@ -159,7 +172,7 @@ class MultiLora:
             per_slot: dict[int, list[int]] = {}
             for slot, first, last in runs:
                 per_slot.setdefault(slot, []).extend(range(first, last))
-            grouped = Grouped(sorted(per_slot), per_slot, next(iter(self.layers.values())).a)
+            grouped = Grouped(sorted(per_slot), per_slot, self.capacity, next(iter(self.layers.values())).a)
         self.plan = Plan(runs, grouped) if runs else None
         try:
             yield
@@ -169,12 +182,13 @@ class MultiLora:
     def _resize(self, capacity: int, rank: int) -> None:
         """Re-lay every layer's stacks for `capacity` slots of `rank` rows, keeping loaded adapters in their slots."""
         for layer in self.layers.values():
-            for attr in ("a", "bt"):
-                old = getattr(layer, attr)
+            stacks = []
+            for old in (layer.a, layer.bt):
                 new = old.new_zeros(capacity * rank, old.shape[1])
                 for slot in range(self.capacity):
                     new[slot * rank : slot * rank + self.rank] = old[slot * self.rank : (slot + 1) * self.rank]
-                setattr(layer, attr, new)
+                stacks.append(new)
+            layer.set_stacks(*stacks, rank)
         self.free += list(range(self.capacity, capacity))
         self.capacity, self.rank = capacity, rank
 
@@ -195,8 +209,8 @@ class MultiLora:
             parent_path, _, child = path.rpartition(".")
             parent = self.model.get_submodule(parent_path) if parent_path else self.model
             layer = LoraLinear(getattr(parent, child), self)
-            layer.a = layer.a.new_zeros(self.capacity * self.rank, layer.a.shape[1])
-            layer.bt = layer.bt.new_zeros(self.capacity * self.rank, layer.bt.shape[1])
+            layer.set_stacks(layer.a.new_zeros(self.capacity * self.rank, layer.a.shape[1]),
+                             layer.bt.new_zeros(self.capacity * self.rank, layer.bt.shape[1]), max(self.rank, 1))
             self.layers[path] = layer
             setattr(parent, child, layer)
         return self.layers[path]
