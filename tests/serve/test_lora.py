@@ -101,3 +101,28 @@ def test_adapters_it_cannot_serve_per_request_are_refused_clearly(tiny_path, tmp
     with pytest.raises(TunesmithError, match="do not fit.*wrong base"):
         MultiLora(wide).load("plain", plain)
     assert config["peft_type"] == "LORA"
+
+
+@pytest.mark.slow
+def test_on_the_default_model_a_mixed_decode_step_matches_peft(tmp_path):
+    from peft import PeftModel
+
+    from tunesmith.models import resolve_base
+
+    base = resolve_base("smollm2-135m-instruct")
+    folders = [save_adapter(tmp_path / f"a{i}", base, 10 + i, r=16, lora_alpha=32) for i in range(3)]
+    reference = PeftModel.from_pretrained(load_model(base), folders[0], adapter_name="a0")
+    for i, folder in enumerate(folders[1:], 1):
+        reference.load_adapter(folder, adapter_name=f"a{i}")
+    reference.eval()
+    ours = load_model(base).eval()
+    lora = MultiLora(ours)
+    for i, folder in enumerate(folders):
+        lora.load(f"a{i}", folder)
+    rows = ["a0", "a0", "a1", None, "a2", "a2"]
+    ids = torch.randint(3, 40000, (len(rows), 1), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, adapter_names=[r or "__base__" for r in rows]).logits
+        with lora.rows(rows):
+            got = ours(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-4), float((got - expected).abs().max())
