@@ -433,6 +433,11 @@ def _holds_quickstart(out: Path, train_files: list[str]) -> bool:
     return data.get("train") == train_files
 
 
+from tunesmith.cli_rag import rag_app  # noqa: E402  (after the helpers it uses)
+
+app.add_typer(rag_app, name="rag")
+
+
 def main() -> None:
     try:
         app()

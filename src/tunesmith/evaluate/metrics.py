@@ -56,3 +56,42 @@ def classification_report(y_true: list[int], probabilities: list[list[float]], n
         "confusion": matrix,
         "labels": names,
     }
+
+
+# --- retrieval -------------------------------------------------------------------------------------
+
+def recall_at_k(ranked: list[str], relevant: dict[str, float], k: int) -> float:
+    """Share of the relevant documents found in the top k."""
+    wanted = {d for d, grade in relevant.items() if grade > 0}
+    return len(wanted & set(ranked[:k])) / len(wanted) if wanted else 0.0
+
+
+def reciprocal_rank(ranked: list[str], relevant: dict[str, float]) -> float:
+    for rank, doc in enumerate(ranked, start=1):
+        if relevant.get(doc, 0) > 0:
+            return 1.0 / rank
+    return 0.0
+
+
+def ndcg_at_k(ranked: list[str], relevant: dict[str, float], k: int) -> float:
+    """Normalised discounted cumulative gain with graded relevance (gain = grade, discount = log2(rank + 1))."""
+    import math
+
+    dcg = sum(relevant.get(doc, 0) / math.log2(rank + 1) for rank, doc in enumerate(ranked[:k], start=1))
+    ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)[:k]
+    idcg = sum(g / math.log2(rank + 1) for rank, g in enumerate(ideal, start=1))
+    return dcg / idcg if idcg else 0.0
+
+
+def retrieval_report(rankings: dict[str, list[str]], qrels: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean recall@1/5/10, MRR and nDCG@10 over the queries that have relevance judgements."""
+    judged = [q for q in rankings if qrels.get(q)]
+    if not judged:
+        return {"queries": 0}
+    mean = lambda f: sum(f(q) for q in judged) / len(judged)  # noqa: E731
+    return {"queries": len(judged),
+            "recall@1": mean(lambda q: recall_at_k(rankings[q], qrels[q], 1)),
+            "recall@5": mean(lambda q: recall_at_k(rankings[q], qrels[q], 5)),
+            "recall@10": mean(lambda q: recall_at_k(rankings[q], qrels[q], 10)),
+            "mrr": mean(lambda q: reciprocal_rank(rankings[q], qrels[q])),
+            "ndcg@10": mean(lambda q: ndcg_at_k(rankings[q], qrels[q], 10))}

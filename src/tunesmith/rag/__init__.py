@@ -1,0 +1,1 @@
+"""Retrieval augmentation: documents -> chunks -> vectors in a store -> ranked context -> cited answers."""
