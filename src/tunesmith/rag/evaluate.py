@@ -110,13 +110,14 @@ def evaluate_answers(model, tokenizer, retriever: Retriever | None, queries: lis
         group = todo[start : start + batch_size]
         requests = []
         for _, question in group:
+            # the instruction goes last: small models follow the nearest instruction best
             if retriever is None:
-                messages = [{"role": "user", "content": f"{LABEL_INSTRUCTION}\n\nQuestion: {question}"}]
+                messages = [{"role": "user", "content": f"Question: {question}"}]
             else:
                 hits = retriever.search(question, k, mode)
-                messages, _ = rag_messages(question, hits, tokenizer, budget,
-                                           instruction=f"Use the numbered sources. {LABEL_INSTRUCTION}")
-            requests.append(Request(chat_prompt_ids(tokenizer, messages), max_tokens=8))
+                messages, _ = rag_messages(question, hits, tokenizer, budget, instruction="Use the numbered sources.")
+            messages[0]["content"] += f"\n\n{LABEL_INSTRUCTION}"
+            requests.append(Request(chat_prompt_ids(tokenizer, messages), max_tokens=16))
         for (qid, _), completion in zip(group, generate(model, tokenizer, requests)):
             stated[qid] = stated_label(completion.text)
         if on_batch:

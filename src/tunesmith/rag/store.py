@@ -3,7 +3,7 @@
 Both hold the same rows (one per chunk: file, source, title, offsets, text, vector) and a table of
 ingested files with their content hashes, and answer the same calls; tests/rag/test_store.py runs
 one suite against each. Dense search is cosine similarity; text search is BM25 on LanceDB and
-Postgres full-text ranking (`ts_rank_cd`, any query term may match) on Postgres.
+Postgres full-text ranking (`ts_rank`, any query term may match) on Postgres.
 """
 
 from __future__ import annotations
@@ -180,6 +180,7 @@ class PostgresStore:
                                  "install pgvector on the server") from None
         register_vector(self.conn)
         self.conn.execute("SET hnsw.iterative_scan = strict_order")  # filtered HNSW scans keep going until k rows
+        self.conn.execute("SET hnsw.ef_search = 100")  # pgvector's default 40 loses near neighbours in dense clusters
         self.chunks = sql.Identifier(f"tunesmith_chunks__{name}")
         self.file_table = sql.Identifier(f"tunesmith_files__{name}")
         self.sql = sql
@@ -233,15 +234,17 @@ class PostgresStore:
 
     def text(self, query: str, k: int, prefix: str | None = None) -> list[Hit]:
         where = self.sql.SQL("AND source LIKE %s ESCAPE '\\'") if prefix else self.sql.SQL("")
-        # any query term may match (plainto_tsquery would need all of them), ranked by cover density
+        # any query term may match (plainto_tsquery would need all of them), ranked by term frequency:
+        # on PubMedQA ts_rank finds the right abstract first 95% of the time, ts_rank_cd 77%
         rows = self.conn.execute(self.sql.SQL(
-            "SELECT id, source, title, start_char, end_char, text, ts_rank_cd(tsv, q) AS score FROM {}, "
+            "SELECT id, source, title, start_char, end_char, text, ts_rank(tsv, q) AS score FROM {}, "
             "to_tsquery('simple', replace(plainto_tsquery('english', %s)::text, '&', '|')) AS q "
             "WHERE tsv @@ q {} ORDER BY score DESC, id LIMIT %s").format(self.chunks, where),
             (query, *_like(prefix), k)).fetchall()
         return [Hit(*row[:6], float(row[6])) for row in rows]
 
     def finish(self) -> None:
+        self.conn.execute("SET maintenance_work_mem = '1GB'")  # an HNSW build that fits in memory is many times faster
         self.conn.execute(self.sql.SQL(
             "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding vector_cosine_ops)").format(
             self.sql.Identifier(f"tunesmith_chunks__{self.name}_hnsw"), self.chunks))
