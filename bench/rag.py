@@ -6,9 +6,9 @@ against exact brute-force search in numpy as the reference, in one run.
 
 1. End-to-end ingest (read, chunk, embed with MiniLM, write) of real documents (the shipped
    medical abstracts) into each store: chunks/s, dominated by the embedder.
-2. A synthetic corpus of --chunks chunks: texts re-sampled from the real chunks' words, vectors made
-   from the real chunks' MiniLM embeddings plus noise (so they cluster like real embeddings),
-   written in batches of 1,000 (rows/s), then indexed (seconds).
+2. A synthetic corpus of --chunks chunks: each mixes two real chunks (MiniLM embeddings interpolated,
+   plus noise; words re-sampled from both), so vectors spread like a real corpus's instead of
+   forming piles of near-duplicates; written in batches of 1,000 (rows/s), then indexed (seconds).
 3. Query latency for real questions (PubMedQA, or the shipped sample), including embedding the
    question: p50/p99 per store and retriever, and recall@10 of dense search against exact search.
 """
@@ -63,12 +63,16 @@ def synthetic(n: int, encoder, seed: int = 0):
     base_vectors = encoder.embed([c.text for c in base])
     words = [c.text.split() for c in base]
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(base), n)
-    vectors = base_vectors[picks] + rng.normal(0, 0.35 / np.sqrt(encoder.dim), (n, encoder.dim)).astype(np.float32)
+    # each synthetic chunk mixes two real chunks (and their words) plus noise: distinct neighbours, like a real corpus
+    first, second = rng.integers(0, len(base), n), rng.integers(0, len(base), n)
+    mix = rng.uniform(0.2, 0.8, (n, 1)).astype(np.float32)
+    noise = rng.normal(0, 0.5 / np.sqrt(encoder.dim), (n, encoder.dim)).astype(np.float32)
+    vectors = mix * base_vectors[first] + (1 - mix) * base_vectors[second] + noise
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     chunks = []
-    for i, p in enumerate(picks):
-        text = " ".join(rng.choice(words[p], size=min(len(words[p]), 120), replace=False))
+    for i, (a, b) in enumerate(zip(first, second)):
+        pool = words[a] + words[b]
+        text = " ".join(rng.choice(pool, size=min(len(pool), 120), replace=False))
         chunks.append(Chunk(f"/synthetic/doc{i // 4}.txt", f"doc {i // 4}", 0, len(text), text, i % 4))
     return chunks, vectors.astype(np.float32)
 

@@ -102,3 +102,6 @@ def test_a_large_lancedb_table_gets_an_ann_index_that_finds_the_exact_neighbours
     queries = rng.standard_normal((20, dim)).astype(np.float32)
     found = sum(store.dense(q, 1)[0].text == f"row {int(np.argmax(vectors @ q))}" for q in queries)
     assert found >= 19, f"ANN top-1 matched exact search for {found}/20 queries"
+    top50 = {h.text for h in store.dense(queries[0], 50)}
+    exact50 = {f"row {i}" for i in np.argsort(-(vectors @ queries[0]))[:50]}
+    assert len(top50 & exact50) >= 45, "deep searches (k * refine beyond the default beam) work and stay accurate"

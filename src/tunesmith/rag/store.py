@@ -65,6 +65,9 @@ class LanceStore:
     COLUMNS = ["id", "source", "title", "start", "end", "text"]
 
     def __init__(self, folder: Path, dim: int) -> None:
+        import os
+
+        os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")  # index listings stay small (and quiet)
         import lancedb
         import pyarrow as pa
 
@@ -107,7 +110,7 @@ class LanceStore:
         query = query.metric("cosine").select([*self.COLUMNS, "_distance"]).limit(k)
         if self._has_index("vector"):
             # probe 20 partitions, widen the HNSW beam, rerank 10x the candidates on exact vectors (tests: top-1 = exact)
-            query = query.nprobes(20).ef(64).refine_factor(10)
+            query = query.nprobes(20).ef(max(64, 10 * k)).refine_factor(10)  # HNSW must yield all 10k candidates
         if prefix:
             query = query.where(f"starts_with(source, {_quote(prefix)})", prefilter=True)
         return [self._hit(row, 1.0 - row["_distance"]) for row in query.to_list()]
@@ -180,7 +183,7 @@ class PostgresStore:
                                  "install pgvector on the server") from None
         register_vector(self.conn)
         self.conn.execute("SET hnsw.iterative_scan = strict_order")  # filtered HNSW scans keep going until k rows
-        self.conn.execute("SET hnsw.ef_search = 100")  # pgvector's default 40 loses near neighbours in dense clusters
+        self.conn.execute("SET hnsw.ef_search = 200")  # pgvector's default 40 loses near neighbours (bench/rag.py)
         self.chunks = sql.Identifier(f"tunesmith_chunks__{name}")
         self.file_table = sql.Identifier(f"tunesmith_files__{name}")
         self.sql = sql
@@ -246,7 +249,8 @@ class PostgresStore:
     def finish(self) -> None:
         self.conn.execute("SET maintenance_work_mem = '1GB'")  # an HNSW build that fits in memory is many times faster
         self.conn.execute(self.sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding vector_cosine_ops)").format(
+            "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding vector_cosine_ops) "
+            "WITH (m = 16, ef_construction = 128)").format(
             self.sql.Identifier(f"tunesmith_chunks__{self.name}_hnsw"), self.chunks))
         self.conn.execute(self.sql.SQL("ANALYZE {}").format(self.chunks))
 
