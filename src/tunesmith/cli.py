@@ -292,6 +292,79 @@ def predict(
     _console().print(f"wrote {len(texts)} predictions to {output}")
 
 
+# --- synth -------------------------------------------------------------------------------------
+
+@app.command()
+def synth(
+    output: Annotated[Path, typer.Option("--output", help="JSONL of alpaca rows that `stage: sft` reads; reruns continue it")],
+    prompts: Annotated[Optional[Path], typer.Option(help="mode answer: prompts to answer (.txt lines, or prompt / messages / alpaca rows)")] = None,
+    seeds: Annotated[Optional[Path], typer.Option(help="mode expand: seed instructions to write new ones like")] = None,
+    count: Annotated[int, typer.Option(min=1, help="mode expand: how many new instructions")] = 100,
+    teacher: Annotated[Optional[str], typer.Option(help="a local teacher: built-in name, HF folder, .gguf or run folder")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")] = None,
+    model: Annotated[Optional[str], typer.Option(help="the endpoint's model name")] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="environment variable holding the endpoint's API key")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight (endpoint) or batch size (local)")] = 4,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds per request")] = 60.0,
+    retries: Annotated[int, typer.Option(min=0, help="retries per request on timeouts, 429 and 5xx")] = 3,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.7,
+    min_chars: Annotated[int, typer.Option(min=0, help="drop answers shorter than this")] = 1,
+    max_chars: Annotated[int, typer.Option(min=1, help="drop answers longer than this")] = 8000,
+    near_duplicate: Annotated[float, typer.Option(min=0.0, max=1.0, help="MiniLM cosine at which a row is a near duplicate (1 = off)")] = 0.95,
+    keep_refusals: Annotated[bool, typer.Option(help="keep answers that refuse")] = False,
+    eval_set: Annotated[Optional[Path], typer.Option(help="prompts that must not leak into the data (contamination cut)")] = None,
+    contamination: Annotated[float, typer.Option(min=0.0, max=1.0, help="MiniLM cosine to an eval prompt that drops a row")] = 0.9,
+) -> None:
+    """Teacher-written SFT data: answer prompts, or expand seed instructions (self-instruct) and answer them."""
+    from rich.progress import Progress
+
+    from tunesmith.data.prompts import read_prompts
+    from tunesmith.data.synth import Filters, SynthReport, answer_prompts, expand_instructions
+    from tunesmith.data.teachers import EndpointTeacher, LocalTeacher
+
+    _quiet_libraries()
+    if (prompts is None) == (seeds is None):
+        raise TunesmithError("give exactly one of --prompts (answer them) or --seeds (write new instructions like them)")
+    if (teacher is None) == (base_url is None):
+        raise TunesmithError("give exactly one teacher: --teacher MODEL (local) or --base-url URL --model NAME (endpoint)")
+    if base_url and not model:
+        raise TunesmithError("--base-url needs --model: the endpoint's model name")
+    if output.suffix != ".jsonl":
+        raise TunesmithError(f"--output {output}: use a .jsonl file")
+    last_user = lambda chat: chat[-1]["content"]  # noqa: E731
+    texts = [last_user(c) for c in read_prompts(prompts or seeds)]
+    evals = [last_user(c) for c in read_prompts(eval_set)] if eval_set else None
+    from tunesmith.rag.embed import TextEncoder
+
+    encoder = TextEncoder() if near_duplicate < 1.0 or evals else None
+    chosen = (EndpointTeacher(base_url, model, api_key_env, concurrency, timeout, retries, max_tokens=max_tokens,
+                              temperature=temperature) if base_url
+              else LocalTeacher(teacher, concurrency, max_tokens, temperature))
+    filters = Filters(min_chars, max_chars, near_duplicate, contamination, not keep_refusals)
+    report = SynthReport()
+    console = _console()
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        if seeds is not None:
+            task = progress.add_task("writing instructions", total=count)
+            texts = expand_instructions(chosen, texts, count, output.with_name(output.stem + ".instructions.jsonl"),
+                                        encoder, filters, evals, on_batch=lambda n: progress.advance(task, n),
+                                        report=report)
+        task = progress.add_task("answering", total=len(texts))
+        answer_prompts(chosen, texts, output, filters, encoder, evals, batch_size=max(concurrency, 8),
+                       mode="expand" if seeds is not None else "answer", on_batch=lambda n: progress.advance(task, n),
+                       report=report)
+    if report.errors and not report.kept and not report.already_done:
+        raise TunesmithError(f"the teacher answered nothing: {report.errors[0]} ({len(report.errors)} failed requests)")
+    dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.rejected.items())) or "none"
+    console.print(f"{output}: {report.kept} rows added ({report.already_done} already done) in {report.seconds:.1f} s; "
+                  f"dropped: {dropped}")
+    for error in report.errors[:3]:
+        console.print(f"[yellow]teacher error[/yellow] {error}")
+    if len(report.errors) > 3:
+        console.print(f"... and {len(report.errors) - 3} more teacher errors; rerun the command to retry them")
+
+
 # --- serve -------------------------------------------------------------------------------------
 
 @app.command()
