@@ -234,3 +234,39 @@ def test_bad_ratings_are_refused_with_a_reason(tmp_path):
         assert post({**good, "id": "zzzzzzzz4", "scores": [9, 1]})[0] == 400
     finally:
         live.close()
+
+
+def test_generated_candidates_are_made_once_and_shared_and_the_example_runs(tmp_path, tiny_path):
+    from tunesmith.adapters import load_trained
+    from tunesmith.feedback.app import Candidates
+
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh_rlhf_harmless" / "test.jsonl"
+    prompts = tmp_path / "prompts.jsonl"
+    if shared.is_file():  # the example's own first step, on the real data
+        script = Path(__file__).resolve().parents[2] / "examples" / "feedback_hh" / "make_prompts.py"
+        subprocess.run([sys.executable, str(script), str(shared), str(prompts), "--n", "3"], check=True)
+    else:
+        prompts.write_text('{"prompt": "How do I stay safe online?"}\n{"prompt": "Tell me a joke."}\n')
+    store = Store(tmp_path / "gen.sqlite")
+    store.add_items(read_items(None, prompts))
+    model, tokenizer = load_trained(str(tiny_path))
+    candidates = Candidates(store, [("tiny-a", model, tokenizer), ("tiny-b", model, tokenizer)], max_new_tokens=6)
+    live = LivePage.__new__(LivePage)
+    import uvicorn
+
+    from tunesmith.feedback.app import create_app
+
+    live.server = uvicorn.Server(uvicorn.Config(create_app(store, None, candidates), host="127.0.0.1", port=0,
+                                                log_level="warning"))
+    live.thread = threading.Thread(target=live.server.run, daemon=True)
+    live.thread.start()
+    while not live.server.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{live.server.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        seen = [json.loads(urllib.request.urlopen(f"{url}/api/next?reviewer={who}").read())["item"]
+                for who in ("ann", "bob")]
+    finally:
+        live.close()
+    assert seen[0] == seen[1] and len(seen[0]["candidates"]) == 2
+    assert store.item(seen[0]["id"]).candidates[1]["source"] == "tiny-b", "cached in the store"
