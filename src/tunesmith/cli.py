@@ -374,7 +374,7 @@ def feedback_serve(
     db: Annotated[Path, typer.Option(help="the SQLite store (created if new); ratings survive restarts")],
     items: Annotated[Optional[Path], typer.Option(help="JSONL: prompt + candidates (strings or {source, text})")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="prompts whose candidates the --model generators write on the fly")] = None,
-    model: Annotated[Optional[list[str]], typer.Option("--model", help="a generator (built-in, folder, run dir); repeat for each")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="a generator (built-in, folder, run dir, registry adapter); repeat for each")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     host: Annotated[str, typer.Option(help="anything but loopback needs --token")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8100,
@@ -399,12 +399,21 @@ def feedback_serve(
         from tunesmith.adapters import load_trained
 
         _quiet_libraries()
-        generators = [(spec, *load_trained(spec)) for spec in model]
+        generators = [(spec, *load_trained(_model_or_adapter(spec))) for spec in model]
     done, total = store.progress("")
     _console().print(f"{db}: {total} items ({added} new); rating page on http://{host}:{port}/"
                      f"{'?token=...' if token else ''}")
     uvicorn.run(create_app(store, token, Candidates(store, generators, max_new_tokens)), host=host, port=port,
                 log_level="warning")
+
+
+def _model_or_adapter(spec: str) -> str:
+    """A registry adapter's name stands for its folder; anything else is a model spec as it is."""
+    from tunesmith.adapters import NAME_PATTERN, registry_dir
+
+    if not Path(spec).exists() and NAME_PATTERN.match(spec) and (registry_dir() / spec / "adapter_config.json").is_file():
+        return str(registry_dir() / spec)
+    return spec
 
 
 @feedback_app.command("export")
