@@ -8,7 +8,6 @@ of its .jsonl/.csv source, or its file name.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import time
@@ -23,21 +22,16 @@ LABEL_INSTRUCTION = "Answer the question with one word: yes, no or maybe."
 
 
 def _jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise TunesmithError(f"{path}: file not found")
+    from tunesmith.data.formats import read_rows
+
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TunesmithError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for row in read_rows(path):
+        if not isinstance(row.value, dict):
+            raise TunesmithError(f"{row.where}: expected an object")
         for name in required:
-            if name not in row:
-                raise TunesmithError(f"{path}:{number}: {name}: missing")
-        rows.append(row)
+            if name not in row.value:
+                raise TunesmithError(f"{row.where}: {name}: missing")
+        rows.append(row.value)
     return rows
 
 
