@@ -81,3 +81,16 @@ def test_fewshot_answers_with_similar_examples(capsys, tmp_path, tiny_path):
                              "--model", str(tiny_path), "--max-new-tokens", "4", "--show-prompt", capsys=capsys)
     assert code == 0, err
     assert out.index("great film") < out.index("a great movie") and "stocks fell" not in out
+
+
+def test_answer_with_a_registry_adapter_is_the_hybrid_route(kb, capsys, tmp_path, monkeypatch, adapter_dirs):
+    from tunesmith.adapters import add_adapter
+
+    monkeypatch.setattr("tunesmith.adapters.registry_dir", lambda: tmp_path / "adapters")
+    add_adapter(adapter_dirs["owls"], "owls", root=tmp_path / "adapters")
+    code, out, err = run_cli("rag", "answer", kb, "Is aspirin useful?", "--adapter", "owls", "--k", "1",
+                             "--max-new-tokens", "6", capsys=capsys)
+    assert code == 0, err
+    assert "[1] " in out and "corpus.jsonl#" in out
+    code, _, err = run_cli("rag", "answer", kb, "q", "--adapter", "nobody", capsys=capsys)
+    assert code == 2 and "not registered" in err
