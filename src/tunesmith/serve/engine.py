@@ -127,8 +127,6 @@ class Batch:
         """Prefill `requests` together and join them to the running rows."""
         if not requests:
             return
-        from transformers import DynamicCache
-
         loaded = self._loaded()
         for r in requests:
             if r.adapter is not None and r.adapter not in loaded:
@@ -143,7 +141,7 @@ class Batch:
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
                             device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache()
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in requests])
         rows = [Row(r, k, torch.Generator(device="cpu").manual_seed(r.seed) if r.seed is not None else None)
                 for r, k in zip(requests, keys)]
@@ -222,9 +220,71 @@ class Batch:
     @staticmethod
     def _layers(cache) -> list:
         layers = getattr(cache, "layers", None)
-        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        if layers is None or any(type(layer).__name__ not in ("DynamicLayer", "GrowingLayer") for layer in layers):
             raise TunesmithError("continuous batching needs a model with a plain KV cache (no sliding window)")
         return layers
+
+
+def _growing_layer_class():
+    """A KV-cache layer with spare room: a decode step writes its token in place, where transformers'
+    DynamicLayer concatenates (copying the whole cache, and touching fresh memory, at every step)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        _k = _v = None
+        _klen = _vlen = 0  # keys and values are set one after the other (merges, row selection): own lengths
+
+        @property
+        def keys(self):
+            return None if self._k is None else self._k[:, :, : self._klen]
+
+        @keys.setter
+        def keys(self, value):
+            self._k, self._klen = value, 0 if value is None or value.dim() < 3 else value.shape[-2]
+
+        @property
+        def values(self):
+            return None if self._v is None else self._v[:, :, : self._vlen]
+
+        @values.setter
+        def values(self, value):
+            self._v, self._vlen = value, 0 if value is None or value.dim() < 3 else value.shape[-2]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start, end = self._klen, self._klen + key_states.shape[-2]
+            if self._k is None or self._k.dim() < 3 or end > self._k.shape[-2] or end > self._v.shape[-2] \
+                    or self._k.shape[0] != key_states.shape[0]:
+                room = end + max(64, end // 2)
+                k = key_states.new_zeros(*key_states.shape[:2], room, key_states.shape[-1])
+                v = value_states.new_zeros(*value_states.shape[:2], room, value_states.shape[-1])
+                if start:
+                    k[:, :, :start], v[:, :, :start] = self._k[:, :, :start], self._v[:, :, :start]
+                self._k, self._v = k, v
+            self._k[:, :, start:end] = key_states
+            self._v[:, :, start:end] = value_states
+            self._klen = self._vlen = end
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self._klen
+
+    return GrowingLayer
+
+
+_GROWING = None
+
+
+def new_cache():
+    """A DynamicCache whose layers grow in place (see `_growing_layer_class`)."""
+    global _GROWING
+    from transformers import DynamicCache
+
+    _GROWING = _GROWING or _growing_layer_class()
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _GROWING
+    return cache
 
 
 def _adapter_key(request: Request) -> str:
