@@ -181,7 +181,7 @@ def evaluate(
     output: Annotated[Optional[Path], typer.Option(help="write the results as JSON")] = None,
 ) -> None:
     """Recall@1/5/10, MRR, nDCG@10 per retriever; answer accuracy with and without retrieval."""
-    from rich.progress import track
+    from rich.progress import Progress
     from rich.table import Table
 
     from tunesmith.files import write_text_atomic
@@ -205,12 +205,12 @@ def evaluate(
         loaded, tokenizer = _generator(model, adapter)
         asked = [q for q in chosen if q[0] in gold][:answer_limit]
         results["answers"] = {}
-        for label, retriever in (("without retrieval", None), (f"with retrieval (hybrid, top {k})", engine)):
-            steps = iter(track(range(len(asked)), description=f"answering {label}", console=console,
-                               disable=not console.is_terminal))
-            results["answers"][label] = ev.evaluate_answers(
-                loaded, tokenizer, retriever, asked, gold, k=k,
-                on_batch=lambda n: [next(steps, None) for _ in range(n)])
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+            for label, retriever in (("without retrieval", None), (f"with retrieval (hybrid, top {k})", engine)):
+                task = progress.add_task(f"answering {label}", total=len(asked))
+                results["answers"][label] = ev.evaluate_answers(
+                    loaded, tokenizer, retriever, asked, gold, k=k,
+                    on_batch=lambda n, task=task: progress.advance(task, n))
         table = Table(title=f"yes/no/maybe accuracy ({len(asked)} questions, {model if not adapter else adapter})")
         for column in ("prompt", "accuracy", "yes", "no", "maybe", "no label", "majority"):
             table.add_column(column, justify="right")
