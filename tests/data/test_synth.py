@@ -166,3 +166,17 @@ def test_the_synth_command_with_tunesmith_serve_as_the_teacher(tmp_path, capsys,
                            "http://127.0.0.1:9/v1", "--model", "m", "--retries", "0", "--near-duplicate", "1.0",
                            capsys=capsys)
     assert code == 2 and "the teacher answered nothing" in err and "3 failed requests" in err
+
+
+def test_a_local_teacher_answers_in_batches_reproducibly(tmp_path, tiny_path):
+    from tunesmith.data.teachers import LocalTeacher
+
+    teacher = LocalTeacher(str(tiny_path), batch_size=2, max_tokens=6, temperature=0.8)
+    prompts = ["Name a colour.", "Name a fruit.", "Name a tree."]
+    outputs = []
+    for name in ("a.jsonl", "b.jsonl"):
+        report = answer_prompts(teacher, prompts, tmp_path / name, filters=Filters(near_duplicate=1.0))
+        assert report.kept == 3 and not report.errors
+        outputs.append([json.loads(line)["output"] for line in (tmp_path / name).read_text().splitlines()])
+    assert outputs[0] == outputs[1], "each prompt's sampling seed comes from its id"
+    assert json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])["provenance"]["teacher"] == str(tiny_path)
