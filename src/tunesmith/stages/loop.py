@@ -113,19 +113,48 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class CausalLMObjective:
+    """What the loop optimises, here next-token cross-entropy over target tokens of packed rows.
+
+    An objective turns rows into a batch, gives a batch's summed loss and its weight (the unit the
+    step's loss is normalised by: target tokens here), counts the real tokens of rows, and evaluates
+    held-out rows. Other stages (reward, preference) plug in their own and keep the loop's
+    accumulation, checkpoints and exact resume."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def batch(self, rows: list[PackedRow], device: torch.device) -> dict[str, torch.Tensor]:
+        return _to(collate(rows, self.pad_id), device)
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        return count_targets(batch)
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_sum(model, batch)
+
+    def tokens(self, rows: list[PackedRow]) -> int:
+        return sum(len(row.input_ids) for row in rows)  # real tokens, not padding
+
+    def evaluate(self, model: torch.nn.Module, rows: list[PackedRow], batch_size: int, device: torch.device,
+                 autocast_bf16: bool, max_batches: int | None) -> float:
+        return evaluate_loss(model, rows, batch_size, self.pad_id, device, autocast_bf16, max_batches)
+
+
 # --- the loop -----------------------------------------------------------------------------
 
 class Loop:
     """Train `model` on `rows`; evaluate on `eval_rows`; checkpoint into `out_dir/checkpoints`."""
 
-    def __init__(self, model: torch.nn.Module, rows: list[PackedRow], eval_rows: list[PackedRow], training: TrainingConfig,
+    def __init__(self, model: torch.nn.Module, rows: list, eval_rows: list, training: TrainingConfig,
                  out_dir: Path, pad_id: int, device: torch.device, autocast_bf16: bool = False,
-                 on_step: Callable[[dict], None] | None = None):
+                 on_step: Callable[[dict], None] | None = None, objective=None):
         if not rows:
             raise TunesmithError("data: no training rows left after rendering; check the data and max_length")
         self.model, self.rows, self.eval_rows, self.training = model, rows, eval_rows, training
         self.out_dir, self.pad_id, self.device, self.autocast_bf16 = Path(out_dir), pad_id, device, autocast_bf16
         self.on_step = on_step
+        self.objective = objective or CausalLMObjective(pad_id)
         self.plan = plan_steps(len(rows), training)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -146,8 +175,8 @@ class Loop:
 
     # -- evaluation and logging --
     def evaluate(self) -> float:
-        return evaluate_loss(self.model, self.eval_rows, self.training.micro_batch_size, self.pad_id, self.device,
-                             self.autocast_bf16, self.training.eval_max_batches)
+        return self.objective.evaluate(self.model, self.eval_rows, self.training.micro_batch_size, self.device,
+                                       self.autocast_bf16, self.training.eval_max_batches)
 
     def log(self, record: dict) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as handle:
@@ -165,12 +194,12 @@ class Loop:
         while self.step < self.plan.total_steps:
             micro = [micro_batch_rows(self.rows, self.step * training.gradient_accumulation + k, training,
                                       self.plan.micro_batches_per_epoch) for k in range(training.gradient_accumulation)]
-            batches = [_to(collate(rows, self.pad_id), self.device) for rows in micro]
-            targets = sum(count_targets(b) for b in batches)
+            batches = [self.objective.batch(rows, self.device) for rows in micro]
+            targets = sum(self.objective.weight(b) for b in batches)
             step_loss = 0.0
             for batch in batches:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-                    loss = loss_sum(model, batch) / max(targets, 1)
+                    loss = self.objective.loss_sum(model, batch) / max(targets, 1)
                 loss.backward()
                 step_loss += float(loss.detach())
             grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, training.max_grad_norm)
@@ -180,7 +209,7 @@ class Loop:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.tokens += sum(len(row.input_ids) for rows in micro for row in rows)  # real tokens, not padding
+            self.tokens += sum(self.objective.tokens(rows) for rows in micro)
             elapsed = time.perf_counter() - start
             result.seconds = elapsed
             record = {"step": self.step, "loss": round(step_loss, 6), "lr": lr, "tokens": self.tokens,
