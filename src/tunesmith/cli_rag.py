@@ -10,8 +10,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from tunesmith.errors import TunesmithError
-
 rag_app = typer.Typer(no_args_is_help=True, help="Retrieval augmentation: knowledge bases of your documents, "
                                                  "cited answers, retrieval evaluation, few-shot prompts.")
 
@@ -281,6 +279,3 @@ def _prefix(prefix: str | None) -> str | None:
         resolved = str(path.resolve())
         return resolved + "/" if prefix.endswith("/") and not resolved.endswith("/") else resolved
     return prefix
-
-
-__all__ = ["rag_app", "TunesmithError"]

@@ -19,7 +19,8 @@ def chat_prompt_ids(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[st
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _stop_ids(tokenizer: "PreTrainedTokenizerBase", model: "torch.nn.Module") -> list[int]:
+def stop_token_ids(tokenizer: "PreTrainedTokenizerBase", model: "torch.nn.Module") -> list[int]:
+    """The tokenizer's end token and every end token the model's generation config names."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])
@@ -36,7 +37,7 @@ def generate_reply(model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase
     device = next(model.parameters()).device
     ids = torch.tensor([chat_prompt_ids(tokenizer, messages)], device=device)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                  eos_token_id=_stop_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id,
                   do_sample=temperature > 0)
     if temperature > 0:
         kwargs["temperature"] = temperature
@@ -87,7 +88,7 @@ def generate_batch(model: "torch.nn.Module", tokenizer: "PreTrainedTokenizerBase
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     eos_token_id=_stop_ids(tokenizer, model), pad_token_id=pad, do_sample=False,
+                                     eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=pad, do_sample=False,
                                      temperature=None, top_p=None, top_k=None)
             answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     finally:

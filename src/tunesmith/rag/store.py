@@ -9,7 +9,6 @@ Postgres full-text ranking (`ts_rank`, any query term may match) on Postgres.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -266,7 +265,3 @@ def _like(prefix: str | None) -> tuple:
     if not prefix:
         return ()
     return (prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",)
-
-
-def meta_json(meta: dict) -> str:
-    return json.dumps(meta, indent=2, sort_keys=True) + "\n"

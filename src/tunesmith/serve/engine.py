@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.errors import TunesmithError
+from tunesmith.generate import stop_token_ids
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -56,14 +57,6 @@ def choose_token(logits: torch.Tensor, request: Request, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    ids.discard(None)
-    return ids
-
-
 @dataclass
 class Row:
     request: Request
@@ -92,7 +85,7 @@ class Batch:
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.stop_ids = set(stop_token_ids(tokenizer, model))
         self.rows: list[Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None  # [rows, columns] 1 where the cache holds a real token
