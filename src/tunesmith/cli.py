@@ -52,7 +52,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue the run in output_dir from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace whatever output_dir holds")] = False,
 ) -> None:
-    """Train a model as the recipe says (stage: pretrain | sft | classify)."""
+    """Train a model as the recipe says (stage: pretrain | sft | classify | reward | dpo | rl)."""
     from tunesmith.config import load_recipe
 
     config = load_recipe(recipe, overrides or [])
@@ -69,6 +69,17 @@ def run_recipe(config, resume: bool = False, overwrite: bool = False, preview_to
 
         summary = classify.run(config, console, resume=resume, overwrite=overwrite)
         _print_classification(console, summary, Path(config.output_dir))
+        return summary
+    if config.stage in ("reward", "dpo", "rl"):
+        from tunesmith.stages import dpo, reward, rl
+
+        if config.stage == "reward":
+            summary = reward.run(config, console, resume=resume, overwrite=overwrite)
+        elif config.stage == "dpo":
+            summary = dpo.run(config, console, resume=resume, overwrite=overwrite, preview_tokens=preview_tokens)
+        else:
+            summary = rl.run(config, console, resume=resume, overwrite=overwrite)
+        _print_preference(console, summary, Path(config.output_dir))
         return summary
     if config.stage == "pretrain":
         from tunesmith.stages import pretrain
@@ -103,6 +114,55 @@ def _print_summary(console, summary: dict, out: Path) -> None:
     console.print(table)
     if summary.get("answer_after") is not None:
         console.print(f"[bold]prompt:[/bold] {summary['prompt']}", markup=True)
+        console.print(f"[bold]answer before:[/bold] {summary['answer_before']}")
+        console.print(f"[bold]answer after:[/bold]  {summary['answer_after']}")
+
+
+def _print_preference(console, summary: dict, out: Path) -> None:
+    """The summary of a reward, DPO or RL run: what moved on held-out data, and what it cost."""
+    from rich.table import Table
+
+    def change(key: str, digits: int = 3, sign: str = "") -> str | None:
+        before, after = summary.get(f"{key}_before"), summary.get(f"{key}_after")
+        if after is None:
+            return None
+        return (f"{before:{sign}.{digits}f} → " if before is not None else "") + f"{after:{sign}.{digits}f}"
+
+    stage = summary["stage"]
+    rows = []
+    if stage == "reward":
+        rows += [("held-out accuracy", change("accuracy")), ("held-out mean margin", change("margin", sign="+")),
+                 ("held-out loss", change("eval_loss", 4))]
+        plots = "loss.png, margins.png"
+    elif stage == "dpo":
+        if summary.get("reward_accuracy") is not None:
+            rows += [("held-out reward accuracy", f"{summary['reward_accuracy']:.3f}"),
+                     ("held-out reward margin", f"{summary['reward_margin']:+.4f}"),
+                     ("held-out loss", change("eval_loss", 4))]
+        rows.append(("reference", summary["reference"]))
+        plots = "loss.png, margins.png"
+    else:
+        rows += [("held-out mean reward", change("eval_reward", 4, "+")),
+                 ("rollout reward", f"{summary['reward_first_steps']:+.4f} (first 5 steps) → "
+                                    f"{summary['reward_last_steps']:+.4f} (last 5)" if summary["reward_last_steps"]
+                                    is not None else None),
+                 ("KL to reference", f"{summary['kl_last']:.4f} nats per reply (last step)" if summary["kl_last"]
+                                     is not None else None),
+                 ("reference", summary["reference"])]
+        plots = "rl.png, loss.png; sample replies in samples.jsonl"
+    speed = (f"{summary['steps_per_minute']:.2f} steps/min" if stage == "rl" else
+             f"{summary['tokens']:,} tokens, {summary['tokens_per_second']:.0f} tok/s")
+    rows += [("trained", f"{summary['steps']} steps in {summary['train_seconds']:.0f} s ({speed})"),
+             ("parameters", f"{summary['trainable_parameters']:,} trainable of {summary['total_parameters']:,}"),
+             ("peak memory", f"{summary['peak_rss_gib']:.2f} GiB RSS"),
+             ("output", f"{out} ({plots})")]
+    table = Table(title=f"{stage} summary", show_header=False, box=None)
+    for key, value in rows:
+        if value is not None:
+            table.add_row(f"[bold]{key}[/bold]", value)
+    console.print(table)
+    if summary.get("answer_after") is not None:
+        console.print(f"[bold]prompt:[/bold] {summary['prompt']}")
         console.print(f"[bold]answer before:[/bold] {summary['answer_before']}")
         console.print(f"[bold]answer after:[/bold]  {summary['answer_after']}")
 
@@ -292,6 +352,48 @@ def predict(
             return
         write_text_atomic(output, "\n".join(lines) + "\n")
     _console().print(f"wrote {len(texts)} predictions to {output}")
+
+
+@app.command()
+def score(
+    reward_model: Annotated[Path, typer.Argument(help="output folder of a `stage: reward` run")],
+    input: Annotated[Path, typer.Option("--input", help="JSONL/JSON/CSV rows: prompt + response, prompt + chosen + "
+                                                        "rejected, or messages ending with the reply")],
+    output: Annotated[Optional[Path], typer.Option("--output", help="JSONL with the scores added (default: stdout)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+) -> None:
+    """Score replies with a trained reward model; pairs also get their margin, and the accuracy is printed."""
+    from tunesmith.data.preferences import read_score_items
+    from tunesmith.files import write_text_atomic
+    from tunesmith.rewards import load_reward_model
+
+    _quiet_libraries()
+    items = read_score_items(input)
+    model = load_reward_model(reward_model, batch_size=batch_size)
+    keys = [(i, name) for i, item in enumerate(items) for name in item.replies]
+    scores = model.score([items[i].prompt + [{"role": "assistant", "content": items[i].replies[name]}] for i, name in keys])
+    scored: list[dict] = [dict(item.row) for item in items]
+    for (i, name), value in zip(keys, scores):
+        scored[i]["score" if name == "response" else f"score_{name}"] = round(value, 6)
+    pairs = [row for row in scored if "score_chosen" in row]
+    for row in pairs:
+        row["margin"] = round(row["score_chosen"] - row["score_rejected"], 6)
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored)
+    if output is None:
+        sys.stdout.write(lines)
+    else:
+        write_text_atomic(output, lines)
+    console = _console() if output is not None else _console_err()
+    console.print(f"scored {len(scores)} replies in {len(items)} rows (mean {sum(scores) / len(scores):+.4f})"
+                  + (f"; pairs: {len(pairs)}, accuracy {sum(r['margin'] > 0 for r in pairs) / len(pairs):.3f}, mean margin "
+                     f"{sum(r['margin'] for r in pairs) / len(pairs):+.4f}" if pairs else "")
+                  + (f"; wrote {output}" if output else ""))
+
+
+def _console_err():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True, stderr=True)
 
 
 # --- synth -------------------------------------------------------------------------------------
@@ -581,6 +683,7 @@ def _holds_quickstart(out: Path, train_files: list[str]) -> bool:
 from tunesmith.cli_rag import rag_app  # noqa: E402  (after the helpers it uses)
 
 app.add_typer(rag_app, name="rag")
+from tunesmith.cli_compare import compare; app.command("compare")(compare)  # noqa: E402,E702
 
 
 def main() -> None:

@@ -84,12 +84,16 @@ class TuningConfig(_Strict):
     top_layers: int = Field(0, ge=0, description="freeze: train only the top N blocks (and the final norm)")
     trainable_modules: list[str] = Field(default_factory=list, description="freeze: train only parameters matching these names")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    init_adapter: str | None = Field(None, description="lora: continue training this adapter (the output folder of a "
+                                     "LoRA run) instead of a new one; dpo/rl: its frozen copy is the reference")
 
     @model_validator(mode="after")
     def _freeze_needs_a_rule(self) -> TuningConfig:
         rules = sum(bool(x) for x in (self.freeze_layers, self.top_layers, self.trainable_modules))
         if self.method == "freeze" and rules != 1:
             raise ValueError("method freeze needs exactly one of freeze_layers > 0, top_layers > 0 or trainable_modules")
+        if self.init_adapter and self.method != "lora":
+            raise ValueError(f"init_adapter continues a LoRA adapter; set method lora (got {self.method})")
         return self
 
 
@@ -151,15 +155,83 @@ class ClassifierConfig(_Strict):
         return value
 
 
+class RewardConfig(_Strict):
+    """stage reward: a scalar head scores (prompt, reply); Bradley-Terry loss on preference pairs."""
+
+    center_rewards: float = Field(0.0, ge=0, description="weight of a penalty on (r_chosen + r_rejected)^2 that keeps "
+                                                         "scores centred on 0 (0.01 is common; 0 turns it off)")
+
+
+class DpoConfig(_Strict):
+    """stage dpo: direct preference optimisation against a frozen reference."""
+
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: DPO; ipo: squared loss on length-normalised "
+                                                                    "log-ratios (robust to deterministic preferences)")
+    beta: float = Field(0.1, gt=0, description="strength of the pull toward the reference (IPO's tau)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid: assumed share of flipped labels (cDPO)")
+
+
+class RlConfig(_Strict):
+    """stage rl: sample replies, score them, and push the policy toward higher reward with a KL leash."""
+
+    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="grpo: group-normalised advantages, KL in the loss; "
+                                                                   "rloo: leave-one-out baseline, KL in the reward")
+    reward_model: str | None = Field(None, description="output folder of a `stage: reward` run")
+    reward_function: str | None = Field(None, description="python reward instead: 'module:function' or "
+                                        "'file.py:function', called as f(prompts, completions) -> list of floats")
+    samples_per_prompt: int = Field(4, ge=2, description="replies sampled per prompt (the group the baseline comes from)")
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, description="sampling temperature (> 0: the group needs different replies)")
+    top_p: float = Field(1.0, description="nucleus sampling mass, in (0, 1]")
+    kl_coef: float = Field(0.05, ge=0, description="weight of the KL penalty to the reference")
+    clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip on the probability ratio")
+    updates_per_batch: int = Field(1, gt=0, description="optimizer steps on each batch of samples (PPO epochs); "
+                                   "above 1 the ratio moves off 1 and clipping engages")
+    scale_rewards: bool = Field(True, description="grpo: divide advantages by the group's reward std")
+    sample_every: int = Field(10, gt=0, description="log sample replies every N steps (samples.jsonl)")
+    eval_prompts: int = Field(16, ge=0, description="held-out prompts answered greedily to measure mean reward")
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampling(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be > 0: at temperature 0 every sample of a prompt is the same reply, so "
+                             "advantages are all 0 and nothing is learned")
+        return value
+
+    @field_validator("top_p")
+    @classmethod
+    def _mass(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError("must be in (0, 1]")
+        return value
+
+    @field_validator("reward_function")
+    @classmethod
+    def _import_path(cls, value: str | None) -> str | None:
+        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+            raise ValueError("write it as 'package.module:function' or 'path/to/file.py:function'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_reward(self) -> RlConfig:
+        if (self.reward_model is None) == (self.reward_function is None):
+            raise ValueError("give exactly one of reward_model (a trained reward model) or reward_function")
+        return self
+
+
 class Recipe(_Strict):
     """A whole run: base model, stage, data, what is trainable, how to train, where results go."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
-    stage: Literal["pretrain", "sft", "classify"] = "sft"
+    stage: Literal["pretrain", "sft", "classify", "reward", "dpo", "rl"] = "sft"
     data: DataConfig
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    rl: RlConfig | None = Field(None, description="stage rl: required")
     output_dir: str
 
     @model_validator(mode="before")
@@ -176,6 +248,15 @@ class Recipe(_Strict):
             raise ValueError(f"tuning.method none trains nothing in stage {self.stage}; use full, freeze or lora")
         if self.tuning.method == "full" and self.stage == "classify":
             raise ValueError("stage classify trains a head on a frozen base (none), with LoRA (lora) or top layers (freeze)")
+        if self.stage == "rl" and self.rl is None:
+            raise ValueError("stage rl needs an rl section naming reward_model or reward_function")
+        if self.stage != "rl" and self.rl is not None:
+            raise ValueError(f"the rl section only applies to stage rl (this recipe is stage {self.stage})")
+        if self.tuning.init_adapter and self.stage in ("reward", "classify"):
+            raise ValueError(f"stage {self.stage} puts a new head on the base; init_adapter applies to pretrain, sft, dpo, rl")
+        if self.stage == "rl" and self.rl.max_new_tokens >= self.training.max_length:
+            raise ValueError(f"rl.max_new_tokens ({self.rl.max_new_tokens}) must leave room for the prompt within "
+                             f"training.max_length ({self.training.max_length})")
         return self
 
     def to_yaml(self) -> str:
@@ -245,6 +326,14 @@ def _apply_override(raw: dict, item: str) -> tuple[str, ...]:
 
 
 def _resolve_data_paths(raw: dict, folder: Path) -> None:
+    # Inputs (data, a reward function's file) are relative to the recipe; run artifacts (output_dir,
+    # init_adapter, reward_model) to the working directory, where the runs that made them wrote them.
+    rl = raw.get("rl")
+    if isinstance(rl, dict):
+        function = rl.get("reward_function")
+        if isinstance(function, str) and function.partition(":")[0].endswith(".py"):
+            file, _, name = function.partition(":")
+            rl["reward_function"] = f"{_relative_to(folder, file)}:{name}"
     data = raw.get("data")
     if not isinstance(data, dict):
         return

@@ -252,20 +252,26 @@ def load_tokenizer(folder: str | Path) -> "PreTrainedTokenizerBase":
     return tokenizer
 
 
-def load_model(folder: str | Path, config: ModelConfig | None = None, runtime: Runtime | None = None) -> "PreTrainedModel":
-    """Load a causal LM from a resolved folder, on the runtime's device, ready to train."""
+def load_model(folder: str | Path, config: ModelConfig | None = None, runtime: Runtime | None = None,
+               scalar_head: bool = False) -> "PreTrainedModel":
+    """Load a causal LM from a resolved folder, on the runtime's device, ready to train.
+
+    `scalar_head`: the same backbone with one score output instead of the LM head (a reward
+    model: transformers' sequence-classification class with one label; a new head is initialised)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = config or ModelConfig()
     runtime = runtime or pick_runtime(config)
     kwargs: dict = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    if scalar_head:
+        kwargs["num_labels"] = 1
     if config.quantization == "4bit":
         kwargs["quantization_config"] = _bnb_4bit_config()
         kwargs["device_map"] = {"": 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    except OSError as exc:
+        model = (AutoModelForSequenceClassification if scalar_head else AutoModelForCausalLM).from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as exc:
         raise TunesmithError(f"model.path: cannot load a model from {folder} ({exc})") from None
     if config.quantization == "4bit":
         from peft import prepare_model_for_kbit_training

@@ -263,16 +263,16 @@ def load_examples(paths: list[str], fmt: str = "auto", text_field: str = "text",
     return LoadedData(fmt, examples, skipped=len(problems))
 
 
-def raise_for_problems(problems: list[Problem], total: int, kind: str = "") -> None:
+def raise_for_problems(problems: list[Problem], total: int, kind: str = "", skippable: bool = True) -> None:
     """Stop with every bad row named: one line for one problem; else the first ten, a count and what to do."""
     if len(problems) == 1:
-        raise TunesmithError(f"{problems[0]} (1 of {total} rows is invalid{kind}; fix it, "
-                             "or set data.skip_bad_rows=true to skip it)")
+        skip = ", or set data.skip_bad_rows=true to skip it" if skippable else ""
+        raise TunesmithError(f"{problems[0]} (1 of {total} rows is invalid{kind}; fix it{skip})")
     if problems:
         shown = "\n".join(str(p) for p in problems[:SHOWN_PROBLEMS])
         more = f"\n... and {len(problems) - SHOWN_PROBLEMS} more bad rows" if len(problems) > SHOWN_PROBLEMS else ""
-        raise TunesmithError(f"{shown}{more}\n{len(problems)} of {total} rows are invalid{kind}; "
-                             "fix them, or set data.skip_bad_rows=true to skip them")
+        skip = ", or set data.skip_bad_rows=true to skip them" if skippable else ""
+        raise TunesmithError(f"{shown}{more}\n{len(problems)} of {total} rows are invalid{kind}; fix them{skip}")
 
 
 def split_off(items: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -15,9 +15,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunesmith.data.formats import Problem, Row, raise_for_problems, read_rows
 from tunesmith.errors import TunesmithError
+
+if TYPE_CHECKING:
+    from tunesmith.data.render import Sample
 
 TURN = re.compile(r"\n\n(Human|Assistant):")
 ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -116,3 +120,99 @@ def _shared_prefix(a: list, b: list) -> list:
             break
         shared.append(x)
     return shared
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+@dataclass
+class PairRow:
+    """A pair as token rows: prompt + reply through the chat template, labels on the reply only."""
+
+    chosen: "Sample"
+    rejected: "Sample"
+    where: str
+
+
+@dataclass
+class RenderedPairs:
+    rows: list[PairRow]
+    truncated: int  # pairs cut to max_length (the reply's end is lost)
+    dropped: int  # pairs with no reply token left, or identical once cut
+
+
+def render_pairs(tokenizer, pairs: list[PreferencePair], max_length: int, overlong: str = "truncate") -> RenderedPairs:
+    """Render each side as the model will see it at inference; cut to max_length (the end goes, as in SFT).
+
+    `overlong="error"` names the first pair over max_length instead."""
+    from tunesmith.data.render import IGNORE, Sample, render_chat
+
+    rows, truncated, dropped = [], 0, 0
+    for pair in pairs:
+        sides = [render_chat(tokenizer, pair.prompt + [{"role": "assistant", "content": reply}], pair.where,
+                             last_turn_only=True) for reply in (pair.chosen, pair.rejected)]
+        if any(len(s.input_ids) > max_length for s in sides):
+            if overlong == "error":
+                longest = max(len(s.input_ids) for s in sides)
+                raise TunesmithError(f"{pair.where}: pair has {longest} tokens, over training.max_length={max_length}; "
+                                     "raise max_length or set data.overlong=truncate")
+            truncated += 1
+            sides = [Sample(s.input_ids[:max_length], s.labels[:max_length], s.where) for s in sides]
+        if any(all(label == IGNORE for label in s.labels[1:]) for s in sides) or sides[0].input_ids == sides[1].input_ids:
+            dropped += 1
+            continue
+        rows.append(PairRow(sides[0], sides[1], pair.where))
+    if not rows:
+        raise TunesmithError(f"{pairs[0].where if pairs else 'data'}: no pair keeps a reply within "
+                             f"training.max_length={max_length}; raise max_length")
+    return RenderedPairs(rows, truncated, dropped)
+
+
+# --- rows to score with a reward model -------------------------------------------------------
+
+@dataclass
+class ScoreItem:
+    where: str
+    prompt: list[dict[str, str]]
+    replies: dict[str, str]  # "response", or "chosen" and "rejected"
+    row: dict
+
+
+def read_score_items(path: str | Path) -> list[ScoreItem]:
+    """Rows with `prompt` + `response`, a preference pair, or `messages` ending in the assistant's reply."""
+    items, problems = [], []
+    rows = read_rows(path)
+    for row in rows:
+        value = row.value
+        if isinstance(value, dict) and "chosen" in value:
+            pair = _pair(row)
+            if isinstance(pair, Problem):
+                problems.append(pair)
+            else:
+                items.append(ScoreItem(row.where, pair.prompt, {"chosen": pair.chosen, "rejected": pair.rejected}, value))
+            continue
+        if isinstance(value, dict) and isinstance(value.get("messages"), list) and "prompt" not in value:
+            chat = value["messages"]
+            last = chat[-1] if chat else None
+            prompt = _prompt_messages(chat[:-1]) if chat[:-1] else "needs the user's turn before the reply"
+            if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
+                problems.append(Problem(row.where, "messages", "the last message must be the assistant's reply to score"))
+            elif isinstance(prompt, str):
+                problems.append(Problem(row.where, "messages", prompt))
+            else:
+                items.append(ScoreItem(row.where, prompt, {"response": last["content"]}, value))
+            continue
+        if not isinstance(value, dict) or "response" not in value:
+            problems.append(Problem(row.where, "response", "missing (give prompt + response, prompt + chosen + "
+                                                          "rejected, or messages ending with the reply)"))
+            continue
+        prompt = _prompt_messages(value.get("prompt", ""))
+        if isinstance(prompt, str):
+            problems.append(Problem(row.where, "prompt", prompt))
+        elif not isinstance(value["response"], str):
+            problems.append(Problem(row.where, "response", "expected a string"))
+        else:
+            items.append(ScoreItem(row.where, prompt, {"response": value["response"]}, value))
+    raise_for_problems(problems, len(rows), " to score", skippable=False)
+    if not items:
+        raise TunesmithError(f"{path}: no rows to score")
+    return items

@@ -1,4 +1,5 @@
-"""Read prompts to answer: a .txt file (one per line) or records with `prompt`, `messages` or alpaca fields."""
+"""Read prompts to answer: a .txt file (one per line) or records with `prompt`, `messages` or alpaca fields
+(so preference-pair files, whose `prompt` may be an hh-rlhf transcript, serve as prompts too)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 
 from tunesmith.data.formats import Problem, Row, check_alpaca, check_messages, read_rows
+from tunesmith.data.preferences import parse_transcript
 from tunesmith.errors import TunesmithError
 
 
@@ -35,7 +37,7 @@ def _prompt_of(row: Row) -> list[dict[str, str]]:
         prompt = value["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise TunesmithError(f"{row.where}: prompt: expected a non-empty string")
-        return [{"role": "user", "content": prompt}]
+        return parse_transcript(prompt) or [{"role": "user", "content": prompt}]  # hh-rlhf transcripts keep their turns
     if "messages" in value or "conversations" in value:
         chat = value.get("messages", value.get("conversations"))
         if isinstance(chat, list) and chat and isinstance(chat[-1], dict) and chat[-1].get("role", chat[-1].get("from")) in ("assistant", "gpt"):

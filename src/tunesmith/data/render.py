@@ -46,12 +46,14 @@ class PackedRow:
         return sum(1 for p in self.position_ids if p == 0)
 
 
-def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], where: str = "") -> Sample:
-    """Render a chat with the tokenizer's template; only assistant turns (and their end token) carry labels."""
+def render_chat(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, str]], where: str = "",
+                last_turn_only: bool = False) -> Sample:
+    """Render a chat with the tokenizer's template; only assistant turns (and their end token) carry labels
+    (only the last one with `last_turn_only`: the reply a preference pair compares)."""
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (last_turn_only and i != len(messages) - 1):
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)

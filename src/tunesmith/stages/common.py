@@ -126,24 +126,68 @@ class Base:
 def open_base(recipe: Recipe) -> Base:
     runtime = pick_runtime(recipe.model)
     folder = resolve_base(recipe.model)
-    return Base(folder, runtime, load_tokenizer(folder))
+    base = Base(folder, runtime, load_tokenizer(folder))
+    check_init_adapter(recipe, base)
+    return base
 
 
-def build_model(recipe: Recipe, base: Base) -> tuple[Any, TrainableReport]:
+def build_model(recipe: Recipe, base: Base, model: Any = None, task_type: str = "CAUSAL_LM") -> tuple[Any, TrainableReport]:
+    """Load the base (unless given) and make trainable what the recipe says: a new adapter, or the
+    adapter named by `tuning.init_adapter` to continue."""
     import torch
 
     if recipe.training.threads:
         torch.set_num_threads(recipe.training.threads)
-    model = load_model(base.folder, recipe.model, base.runtime)
+    if model is None:
+        model = load_model(base.folder, recipe.model, base.runtime)
     torch.manual_seed(recipe.training.seed)  # LoRA init and dropout start from the recipe's seed
-    model = apply_tuning(model, recipe.tuning)
+    if recipe.tuning.init_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, recipe.tuning.init_adapter, is_trainable=True)
+    else:
+        model = apply_tuning(model, recipe.tuning, task_type)
     return model, count_parameters(model)
+
+
+def check_init_adapter(recipe: Recipe, base: Base) -> None:
+    """The adapter to continue exists and was trained on this recipe's base (checked before any output)."""
+    from tunesmith.adapters import adapter_base, is_adapter_dir
+
+    folder = recipe.tuning.init_adapter
+    if not folder:
+        return
+    if not is_adapter_dir(folder):
+        raise TunesmithError(f"tuning.init_adapter: {folder} holds no LoRA adapter (adapter_config.json); give the "
+                             "output folder of a LoRA run")
+    trained_on = adapter_base(Path(folder))
+    if resolve_base(trained_on).resolve() != Path(base.folder).resolve():
+        raise TunesmithError(f"tuning.init_adapter: {folder} was trained on {trained_on.path}, but this recipe's "
+                             f"model is {recipe.model.path}; use the same base")
+
+
+def load_pair_split(recipe: Recipe) -> tuple[list, list, int]:
+    """Preference pairs for training and held out (validation files, or a seeded fraction): (train, held, skipped)."""
+    from tunesmith.data.preferences import read_preferences
+
+    data = recipe.data
+    train, skipped = read_preferences(data.train, data.skip_bad_rows)
+    if data.max_rows:
+        train = train[: data.max_rows]
+    if data.validation:
+        held, more = read_preferences(data.validation, data.skip_bad_rows)
+        return train, held, skipped + more
+    train, held = split_off(train, data.validation_fraction, recipe.training.seed)
+    return train, held, skipped
 
 
 def save_final(model: Any, tokenizer: Any, out: Path) -> list[str]:
     """Write the adapter (PEFT) or full model (safetensors) and the tokenizer with its chat template."""
     with building_dir(out / ".final") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(model, "peft_config"):  # only the trained adapter (a frozen reference copy stays behind)
+            model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[model.active_adapter])
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         names = sorted(p.name for p in tmp.iterdir())
         for path in tmp.iterdir():  # each file lands whole (rename), the folder keeps other artifacts
@@ -152,21 +196,25 @@ def save_final(model: Any, tokenizer: Any, out: Path) -> list[str]:
     return names
 
 
-def write_summary(out: Path, summary: dict, train_losses, eval_losses, title: str) -> Path:
+def write_summary(out: Path, summary: dict, train_losses, eval_losses, title: str, **plot) -> Path:
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return loss_plot(out / "loss.png", train_losses, eval_losses, title)
+    return loss_plot(out / "loss.png", train_losses, eval_losses, title, **plot)
 
 
 @contextmanager
-def training_progress(console: Console, total: int, done: int):
+def training_progress(console: Console, total: int, done: int, describe=None):
     """Yield the callback the loop calls after each logged record: a live bar on a terminal,
-    a plain line every ~10% of the run in logs."""
+    a plain line every ~10% of the run in logs. `describe(record)` says what a step record shows."""
 
-    def describe(record: dict) -> str:
+    def default_describe(record: dict) -> str:
         return f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s"
 
+    describe = describe or default_describe
+
     def print_eval(record: dict) -> None:
-        console.print(f"  step {record['step']}: eval loss {record['eval_loss']:.4f}")
+        for key, value in record.items():
+            if key.startswith("eval_"):
+                console.print(f"  step {record['step']}: {key.replace('_', ' ')} {value:.4f}")
 
     if not console.is_terminal:
         every = max(1, total // 10)

@@ -118,11 +118,20 @@ class CausalLMObjective:
 
     An objective turns rows into a batch, gives a batch's summed loss and its weight (the unit the
     step's loss is normalised by: target tokens here), counts the real tokens of rows, and evaluates
-    held-out rows. Other stages (reward, preference) plug in their own and keep the loop's
-    accumulation, checkpoints and exact resume."""
+    held-out rows. Other stages (reward, preference, RL) plug in their own and keep the loop's
+    accumulation, checkpoints and exact resume. Optional members an objective may define:
+    `eval_key` (the name its evaluation is logged under), `updates_per_batch` (optimizer steps
+    taken on each batch, PPO-style) and `step_metrics()` (numbers to log with the step).
+    """
+
+    eval_key = "eval_loss"
+    updates_per_batch = 1
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
+
+    def step_metrics(self) -> dict:
+        return {}
 
     def batch(self, rows: list[PackedRow], device: torch.device) -> dict[str, torch.Tensor]:
         return _to(collate(rows, self.pad_id), device)
@@ -156,6 +165,8 @@ class Loop:
         self.on_step = on_step
         self.objective = objective or CausalLMObjective(pad_id)
         self.plan = plan_steps(len(rows), training)
+        self.eval_key = getattr(self.objective, "eval_key", "eval_loss")
+        self.updates = getattr(self.objective, "updates_per_batch", 1)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TunesmithError("tuning: no parameter is trainable; check tuning.method and its settings")
@@ -168,7 +179,7 @@ class Loop:
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(training.lr_schedule, self.optimizer, num_warmup_steps=training.warmup_steps,
-                                       num_training_steps=self.plan.total_steps)
+                                       num_training_steps=self.plan.total_steps * self.updates)
         self.step = 0
         self.tokens = 0
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -196,18 +207,19 @@ class Loop:
                                       self.plan.micro_batches_per_epoch) for k in range(training.gradient_accumulation)]
             batches = [self.objective.batch(rows, self.device) for rows in micro]
             targets = sum(self.objective.weight(b) for b in batches)
-            step_loss = 0.0
-            for batch in batches:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-                    loss = self.objective.loss_sum(model, batch) / max(targets, 1)
-                loss.backward()
-                step_loss += float(loss.detach())
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, training.max_grad_norm)
-                         if training.max_grad_norm else None)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            for _ in range(self.updates):
+                step_loss = 0.0
+                for batch in batches:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+                        loss = self.objective.loss_sum(model, batch) / max(targets, 1)
+                    loss.backward()
+                    step_loss += float(loss.detach())
+                grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, training.max_grad_norm)
+                             if training.max_grad_norm else None)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.tokens += sum(self.objective.tokens(rows) for rows in micro)
             elapsed = time.perf_counter() - start
@@ -217,11 +229,12 @@ class Loop:
                       "tokens_per_s": round((self.tokens - start_tokens) / elapsed, 2)}
             if grad_norm is not None:
                 record["grad_norm"] = round(float(grad_norm), 6)
+            record.update(self.objective.step_metrics() if hasattr(self.objective, "step_metrics") else {})
             self.log(record)
             result.train_losses.append((self.step, step_loss))
             if training.eval_every and self.step % training.eval_every == 0 and self.step < self.plan.total_steps:
                 eval_loss = self.evaluate()
-                self.log({"step": self.step, "eval_loss": round(eval_loss, 6)})
+                self.log({"step": self.step, self.eval_key: round(eval_loss, 6)})
                 result.eval_losses.append((self.step, eval_loss))
             if training.save_every and self.step % training.save_every == 0:
                 self.save_checkpoint()
@@ -234,8 +247,8 @@ class Loop:
         for record in read_metrics(self.metrics_path):
             if "loss" in record:
                 train.append((record["step"], record["loss"]))
-            if "eval_loss" in record:
-                evals.append((record["step"], record["eval_loss"]))
+            if self.eval_key in record:
+                evals.append((record["step"], record[self.eval_key]))
         return train, evals
 
     # -- checkpoints --
