@@ -61,6 +61,21 @@ def write_recipe(folder: Path, **sections) -> Path:
     return path
 
 
+def longer_wins_rows(n: int = 160, seed: int = 0) -> list[dict]:
+    """Synthetic preferences where the longer reply always wins (a signal a reward model must find)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "apple river stone cloud green quick happy music light paper garden window silver forest ocean".split()
+    rows = []
+    for _ in range(n):
+        long = " ".join(rng.choice(words) for _ in range(rng.randint(14, 24))) + "."
+        short = " ".join(rng.choice(words) for _ in range(rng.randint(1, 4))) + "."
+        rows.append({"prompt": f"Tell me about {rng.choice(words)} and {rng.choice(words)}.", "chosen": long,
+                     "rejected": short})
+    return rows
+
+
 def run_cli(*args: str, capsys=None) -> tuple[int, str, str]:
     """Run `tunesmith ARGS` in-process; return (exit code, stdout, stderr)."""
     from tunesmith import cli

@@ -23,15 +23,13 @@ if TYPE_CHECKING:
     import torch
 
 
-def last_token_scores(model: "torch.nn.Module", batch: dict[str, "torch.Tensor"], lengths: "torch.Tensor") -> "torch.Tensor":
-    """Score of each right-padded row at its last real token (`lengths` = real tokens per row)."""
-    import torch
-
+def last_token_scores(model: "torch.nn.Module", batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+    """Score of each sequence at its last real token; `batch["ends"]` holds its (row, column)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(inner, inner.base_model_prefix)
     hidden = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
-    return inner.score(last).squeeze(-1).float()
+    ends = batch["ends"]
+    return inner.score(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1).float()
 
 
 class RewardModel:
@@ -64,8 +62,8 @@ class RewardModel:
                 picked = order[start : start + self.batch_size]
                 packed = [PackedRow(rows[i], rows[i], list(range(len(rows[i])))) for i in picked]
                 batch = {k: v.to(self.device) for k, v in collate(packed, self.tokenizer.pad_token_id).items()}
-                lengths = torch.tensor([len(rows[i]) for i in picked], device=self.device)
-                for i, value in zip(picked, last_token_scores(self.model, batch, lengths).tolist()):
+                batch["ends"] = torch.tensor([(n, len(rows[i]) - 1) for n, i in enumerate(picked)], device=self.device)
+                for i, value in zip(picked, last_token_scores(self.model, batch).tolist()):
                     by_index[i] = value
         return [by_index[i] for i in range(len(rows))]
 

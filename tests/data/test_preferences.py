@@ -55,3 +55,41 @@ def test_transcripts_and_the_shared_hh_data():
     assert all(p.prompt[-1]["role"] == "user" for p in pairs)
     first = json.loads(Path(hh).read_text().split("\n")[0])
     assert pairs[0].chosen == first["chosen"].strip() and pairs[0].prompt[0]["content"].startswith("Is there a way")
+
+
+def test_render_pairs_labels_only_the_reply_and_cuts_to_length(tmp_path, tokenizer):
+    from tunesmith.data.preferences import PreferencePair, render_pairs
+
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+              {"role": "user", "content": "Tell me more."}]
+    pairs = [PreferencePair("a:1", prompt, "Sure, here is more.", "No."),
+             PreferencePair("a:2", [{"role": "user", "content": "word " * 80}], "Yes.", "No.")]
+    rendered = render_pairs(tokenizer, pairs, 64)
+    assert len(rendered.rows) == 1 and rendered.truncated == 1 and rendered.dropped == 1  # the long prompt left no reply
+    row = rendered.rows[0]
+    chosen = tokenizer.decode([t for t, lab in zip(row.chosen.input_ids, row.chosen.labels) if lab != -100])
+    assert chosen == "Sure, here is more.<|im_end|>"
+    with pytest.raises(TunesmithError, match="a:2: pair has .* tokens, over training.max_length=64"):
+        render_pairs(tokenizer, pairs, 64, overlong="error")
+
+
+def test_score_items_in_three_shapes_and_errors(tmp_path):
+    from tunesmith.data.preferences import read_score_items
+
+    rows = [{"prompt": "Hi", "response": "Hello"}, {"prompt": "Hi", "chosen": "Hello", "rejected": "Go"},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}]
+    items = read_score_items(write_jsonl(tmp_path / "s.jsonl", rows))
+    assert [sorted(i.replies) for i in items] == [["response"], ["chosen", "rejected"], ["response"]]
+    assert items[2].prompt == [{"role": "user", "content": "Hi"}]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
+    with pytest.raises(TunesmithError, match="bad.jsonl:1: messages: the last message must be the assistant's"):
+        read_score_items(bad)
+
+
+def test_prompts_from_a_preference_file_keep_hh_turns(tmp_path):
+    from tunesmith.data.prompts import read_prompts
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Joke?\n\nAssistant:",
+                                                "chosen": "x", "rejected": "y"}])
+    assert read_prompts(path) == [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                   {"role": "user", "content": "Joke?"}]]

@@ -111,23 +111,32 @@ def pack_sequences(samples: list[Sample], max_length: int) -> list[PackedRow]:
     Samples are never split, so a response is never cut from its prompt; position ids
     restart at each sample so attention stays inside it.
     """
-    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
-    rows: list[PackedRow] = []
+    rows = []
+    for group in pack_groups([len(s.input_ids) for s in samples], max_length):
+        row = PackedRow([], [], [])
+        for i in group:
+            row.input_ids += samples[i].input_ids
+            row.labels += samples[i].labels
+            row.position_ids += list(range(len(samples[i].input_ids)))
+        rows.append(row)
+    return rows
+
+
+def pack_groups(lengths: list[int], max_length: int) -> list[list[int]]:
+    """First-fit decreasing: indices of the items that share each row of at most max_length tokens
+    (an item longer than max_length gets a row of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
     free: list[int] = []
     for i in order:
-        sample = samples[i]
-        n = len(sample.input_ids)
-        slot = next((r for r, room in enumerate(free) if room >= n), None)
+        slot = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
         if slot is None:
-            rows.append(PackedRow([], [], []))
+            groups.append([])
             free.append(max_length)
-            slot = len(rows) - 1
-        row = rows[slot]
-        row.input_ids += sample.input_ids
-        row.labels += sample.labels
-        row.position_ids += list(range(n))
-        free[slot] -= n
-    return rows
+            slot = len(groups) - 1
+        groups[slot].append(i)
+        free[slot] -= lengths[i]
+    return groups
 
 
 def pack_blocks(samples: list[Sample], block_size: int) -> list[PackedRow]:

@@ -26,7 +26,6 @@ from rich.progress import Progress
 
 from tunesmith.config import DpoConfig, Recipe
 from tunesmith.data.preferences import PairRow, render_pairs
-from tunesmith.data.render import IGNORE
 from tunesmith.evaluate.plots import margin_histogram
 from tunesmith.files import write_text_atomic
 from tunesmith.generate import generate_reply
@@ -51,19 +50,18 @@ class DpoObjective:
 
     eval_key = "eval_loss"
 
-    def __init__(self, pad_id: int, config: DpoConfig) -> None:
-        self.pad_id, self.config = pad_id, config
+    def __init__(self, pad_id: int, config: DpoConfig, pack_length: int | None = None) -> None:
+        self.pad_id, self.config, self.pack_length = pad_id, config, pack_length
         self._seen: list[float] = []
 
     def batch(self, rows: list[DpoRow], device: torch.device) -> dict[str, torch.Tensor]:
-        batch = pair_batch([r.pair for r in rows], self.pad_id, device)
+        batch = pair_batch([r.pair for r in rows], self.pad_id, device, self.pack_length)
         batch["ref"] = torch.tensor([r.ref_chosen for r in rows] + [r.ref_rejected for r in rows],
                                     dtype=torch.float32, device=device)
-        batch["reply_tokens"] = (batch["labels"][:, 1:] != IGNORE).sum(-1).clamp(min=1).float()
         return batch
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return batch["ends"].shape[0] // 2
 
     def pair_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair loss, and per-pair implicit reward margin beta * (log-ratio chosen - log-ratio rejected)."""
@@ -128,7 +126,7 @@ def visited_rows(n_rows: int, recipe: Recipe) -> list[int]:
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[PairRow], pad_id: int, batch_size: int, device: torch.device,
-                    progress: Progress | None = None) -> list[tuple[float, float]]:
+                    progress: Progress | None = None, pack_length: int | None = None) -> list[tuple[float, float]]:
     """(chosen, rejected) reply log-probabilities under the reference, for each pair."""
     was_training = model.training
     model.eval()
@@ -137,7 +135,7 @@ def reference_logps(model, pairs: list[PairRow], pad_id: int, batch_size: int, d
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            batch = pair_batch(chunk, pad_id, device)
+            batch = pair_batch(chunk, pad_id, device, pack_length)
             if is_peft(model):
                 with as_reference(model):
                     logps = sequence_logps(model, batch)
@@ -187,14 +185,14 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     if missing or held_refs is None:
         todo = [rendered.rows[i] for i in missing] + (held if held_refs is None else [])
         with Progress(console=console, transient=True) as progress:
-            values = reference_logps(model, todo, pad_id, training.micro_batch_size, device, progress)
+            values = reference_logps(model, todo, pad_id, training.micro_batch_size, device, progress, training.max_length)
         train_refs.update(zip(missing, values[: len(missing)]))
         held_refs = held_refs if held_refs is not None else values[len(missing):]
         write_text_atomic(saved, json.dumps({"train": {str(k): v for k, v in train_refs.items()}, "held": held_refs}))
     rows = [DpoRow(pair, *train_refs.get(i, (float("nan"), float("nan")))) for i, pair in enumerate(rendered.rows)]
     held_rows = [DpoRow(pair, *ref) for pair, ref in zip(held, held_refs)]
 
-    objective = DpoObjective(pad_id, recipe.dpo)
+    objective = DpoObjective(pad_id, recipe.dpo, training.max_length)
     loop = Loop(model, rows, held_rows, training, out, pad_id, device, base.runtime.autocast_bf16, objective=objective)
     start = loop.resume() if resume else 0
     samples_path = out / "samples.jsonl"

@@ -21,7 +21,7 @@ REFERENCE = "reference"  # the frozen adapter's name
 
 def reply_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every labelled token given what precedes it, and the row each belongs to.
+    """Log-probability of every labelled token given what precedes it, and the sequence each belongs to.
 
     Only labelled positions are projected onto the vocabulary (where the architecture allows),
     so the fp32 logits of prompts and padding are never built."""
@@ -40,15 +40,16 @@ def reply_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         logits = logits / temperature
     targets = labels[keep]
     token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    rows = keep.nonzero()[:, 0]
-    return token_logps, rows
+    # The sequence each token belongs to: its row, or its segment when sequences are packed into rows.
+    owners = batch["segments"][:, 1:][keep] if "segments" in batch else keep.nonzero()[:, 0]
+    return token_logps, owners
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of reply-token log-probabilities per row."""
-    token_logps, rows = reply_token_logps(model, batch)
-    return torch.zeros(batch["input_ids"].shape[0], dtype=token_logps.dtype,
-                       device=token_logps.device).index_add(0, rows, token_logps)
+    """Sum of reply-token log-probabilities per sequence."""
+    token_logps, owners = reply_token_logps(model, batch)
+    count = batch["ends"].shape[0] if "ends" in batch else batch["input_ids"].shape[0]
+    return torch.zeros(count, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owners, token_logps)
 
 
 def is_peft(model: torch.nn.Module) -> bool:

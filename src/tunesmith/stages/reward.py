@@ -22,7 +22,7 @@ from rich.console import Console
 
 from tunesmith.config import Recipe
 from tunesmith.data.preferences import PairRow, render_pairs
-from tunesmith.data.render import PackedRow, collate
+from tunesmith.data.render import IGNORE, PackedRow, collate, pack_groups
 from tunesmith.evaluate.plots import margin_histogram
 from tunesmith.files import write_text_atomic
 from tunesmith.models import load_model
@@ -32,12 +32,33 @@ from tunesmith.stages.common import (build_model, check_output_dir, load_pair_sp
                                      peak_rss_gib, save_final, training_progress, write_summary)
 
 
-def pair_batch(rows: list[PairRow], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Chosen sides first, then rejected, right-padded into one batch; `lengths` = real tokens per row."""
+def pair_batch(rows: list[PairRow], pad_id: int, device: torch.device, pack_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Chosen sides (sequences 0..n-1), then rejected (n..2n-1), as one batch.
+
+    With `pack_length` the sequences are packed into rows of that many tokens (position ids restart
+    at each, so attention never crosses them): no compute is spent on padding. `segments` gives the
+    sequence of every position (-1 on padding), `ends` the (row, column) of each sequence's last
+    token, `reply_tokens` each sequence's number of reply tokens."""
     sides = [r.chosen for r in rows] + [r.rejected for r in rows]
-    packed = [PackedRow(s.input_ids, s.labels, list(range(len(s.input_ids)))) for s in sides]
+    lengths = [len(s.input_ids) for s in sides]
+    groups = pack_groups(lengths, pack_length) if pack_length else [[i] for i in range(len(sides))]
+    packed, segments, ends = [], [], [(0, 0)] * len(sides)
+    for r, group in enumerate(groups):
+        row, segment = PackedRow([], [], []), []
+        for i in group:
+            row.input_ids += sides[i].input_ids
+            row.labels += sides[i].labels
+            row.position_ids += list(range(lengths[i]))
+            segment += [i] * lengths[i]
+            ends[i] = (r, len(row.input_ids) - 1)
+        packed.append(row)
+        segments.append(segment)
     batch = collate(packed, pad_id)
-    batch["lengths"] = torch.tensor([len(s.input_ids) for s in sides])
+    width = batch["input_ids"].shape[1]
+    batch["segments"] = torch.tensor([seg + [-1] * (width - len(seg)) for seg in segments])
+    batch["ends"] = torch.tensor(ends)
+    batch["reply_tokens"] = torch.tensor([sum(1 for label in s.labels if label != IGNORE) for s in sides],
+                                         dtype=torch.float32).clamp(min=1)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -60,18 +81,18 @@ class RewardObjective:
 
     eval_key = "eval_loss"
 
-    def __init__(self, pad_id: int, center_rewards: float = 0.0) -> None:
-        self.pad_id, self.center = pad_id, center_rewards
+    def __init__(self, pad_id: int, center_rewards: float = 0.0, pack_length: int | None = None) -> None:
+        self.pad_id, self.center, self.pack_length = pad_id, center_rewards, pack_length
         self._seen = []  # margins of the pairs trained on since the last step_metrics()
 
     def batch(self, rows: list[PairRow], device: torch.device) -> dict[str, torch.Tensor]:
-        return pair_batch(rows, self.pad_id, device)
+        return pair_batch(rows, self.pad_id, device, self.pack_length)
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].shape[0] // 2
+        return batch["ends"].shape[0] // 2
 
     def pair_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen, rejected = last_token_scores(model, batch, batch["lengths"]).chunk(2)
+        chosen, rejected = last_token_scores(model, batch).chunk(2)
         losses = -F.logsigmoid(chosen - rejected)
         if self.center:
             losses = losses + self.center * (chosen + rejected) ** 2
@@ -134,7 +155,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     report = count_parameters(model)
     console.print(f"[bold]{report}[/bold] ({recipe.tuning.method}; the score head always trains)")
 
-    objective = RewardObjective(base.tokenizer.pad_token_id, recipe.reward.center_rewards)
+    objective = RewardObjective(base.tokenizer.pad_token_id, recipe.reward.center_rewards, training.max_length)
     device = base.runtime.torch_device
     loop = Loop(model, rendered.rows, held, training, out, base.tokenizer.pad_token_id, device,
                 base.runtime.autocast_bf16, objective=objective)
