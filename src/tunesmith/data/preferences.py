@@ -75,7 +75,7 @@ def _pair(row: Row) -> PreferencePair | Problem:
         if not shared or shared[-1].get("role") != "user":
             return Problem(row.where, "chosen", "the two conversations must share the turns up to a user turn")
         prompt, chosen, rejected = shared, chosen[len(shared):], rejected[len(shared):]
-    messages = _prompt_messages(prompt)
+    messages = prompt_messages(prompt)
     if isinstance(messages, str):
         return Problem(row.where, "prompt", messages)
     replies = []
@@ -91,7 +91,7 @@ def _pair(row: Row) -> PreferencePair | Problem:
     return PreferencePair(row.where, messages, replies[0], replies[1])
 
 
-def _prompt_messages(prompt) -> list[dict[str, str]] | str:
+def prompt_messages(prompt) -> list[dict[str, str]] | str:
     if isinstance(prompt, str):
         if not prompt.strip():
             return "empty"
@@ -193,7 +193,7 @@ def read_score_items(path: str | Path) -> list[ScoreItem]:
         if isinstance(value, dict) and isinstance(value.get("messages"), list) and "prompt" not in value:
             chat = value["messages"]
             last = chat[-1] if chat else None
-            prompt = _prompt_messages(chat[:-1]) if chat[:-1] else "needs the user's turn before the reply"
+            prompt = prompt_messages(chat[:-1]) if chat[:-1] else "needs the user's turn before the reply"
             if not isinstance(last, dict) or last.get("role") != "assistant" or not isinstance(last.get("content"), str):
                 problems.append(Problem(row.where, "messages", "the last message must be the assistant's reply to score"))
             elif isinstance(prompt, str):
@@ -205,7 +205,7 @@ def read_score_items(path: str | Path) -> list[ScoreItem]:
             problems.append(Problem(row.where, "response", "missing (give prompt + response, prompt + chosen + "
                                                           "rejected, or messages ending with the reply)"))
             continue
-        prompt = _prompt_messages(value.get("prompt", ""))
+        prompt = prompt_messages(value.get("prompt", ""))
         if isinstance(prompt, str):
             problems.append(Problem(row.where, "prompt", prompt))
         elif not isinstance(value["response"], str):

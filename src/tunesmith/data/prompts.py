@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tunesmith.data.formats import Problem, Row, check_alpaca, check_messages, read_rows
-from tunesmith.data.preferences import parse_transcript
+from tunesmith.data.preferences import parse_transcript, prompt_messages
 from tunesmith.errors import TunesmithError
 
 
@@ -35,8 +35,13 @@ def _prompt_of(row: Row) -> list[dict[str, str]]:
         raise TunesmithError(f"{row.where}: expected an object with 'prompt', 'messages' or 'instruction'")
     if "prompt" in value:
         prompt = value["prompt"]
+        if isinstance(prompt, list):  # a chat (as preference files may hold it)
+            messages = prompt_messages(prompt)
+            if isinstance(messages, str):
+                raise TunesmithError(f"{row.where}: prompt: {messages}")
+            return messages
         if not isinstance(prompt, str) or not prompt.strip():
-            raise TunesmithError(f"{row.where}: prompt: expected a non-empty string")
+            raise TunesmithError(f"{row.where}: prompt: expected a non-empty string or a list of messages")
         return parse_transcript(prompt) or [{"role": "user", "content": prompt}]  # hh-rlhf transcripts keep their turns
     if "messages" in value or "conversations" in value:
         chat = value.get("messages", value.get("conversations"))

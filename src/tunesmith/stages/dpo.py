@@ -16,6 +16,7 @@ rejected) and margins (margins.png).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +183,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
         train_refs = {int(k): tuple(v) for k, v in cached["train"].items()}
         held_refs = [tuple(v) for v in cached["held"]]
     missing = [i for i in wanted if i not in train_refs]
+    reference_started = time.perf_counter()
     if missing or held_refs is None:
         todo = [rendered.rows[i] for i in missing] + (held if held_refs is None else [])
         with Progress(console=console, transient=True) as progress:
@@ -189,6 +191,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
         train_refs.update(zip(missing, values[: len(missing)]))
         held_refs = held_refs if held_refs is not None else values[len(missing):]
         write_text_atomic(saved, json.dumps({"train": {str(k): v for k, v in train_refs.items()}, "held": held_refs}))
+    reference_seconds = time.perf_counter() - reference_started
     rows = [DpoRow(pair, *train_refs.get(i, (float("nan"), float("nan")))) for i, pair in enumerate(rendered.rows)]
     held_rows = [DpoRow(pair, *ref) for pair, ref in zip(held, held_refs)]
 
@@ -232,7 +235,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
         "truncated": rendered.truncated, "dropped": rendered.dropped,
         "trainable_parameters": report.trainable, "total_parameters": report.total,
         "steps": result.steps, "tokens": result.tokens, "train_seconds": round(result.seconds, 1),
-        "tokens_per_second": round(result.tokens_per_second, 1),
+        "tokens_per_second": round(result.tokens_per_second, 1), "reference_seconds": round(reference_seconds, 1),
         "reward_accuracy": None if after is None else round(after.accuracy, 4),
         "reward_margin": None if after is None else round(after.mean_margin, 5),
         "eval_loss_before": result.eval_losses[0][1] if result.eval_losses else None,
