@@ -92,16 +92,20 @@ def test_resolved_recipe_round_trips_through_yaml(tmp_path):
     assert again == recipe
 
 
-SHIPPED = sorted((REPO / "examples").glob("*.yaml")) + [SAMPLES / "quickstart.yaml"]
+SHIPPED = sorted((REPO / "examples").glob("*.yaml")) + sorted((REPO / "examples" / "rlhf").glob("*.yaml")) + [
+    SAMPLES / "quickstart.yaml"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid_and_says_how_to_run_it(path):
-    recipe = load_recipe(path)
+    from tunesmith.config import is_chain, load_chain
+
+    recipes = [s.recipe for s in load_chain(path).steps if s.recipe] if is_chain(path) else [load_recipe(path)]
     header = path.read_text().splitlines()[:5]
     assert any("tunesmith " in line and line.startswith("#") for line in header), "header must give the command"
-    for file in recipe.data.train + (recipe.data.validation or []):
-        assert Path(file).exists() or file.startswith(str(REPO.parent / "shared")), file
+    for recipe in recipes:
+        for file in recipe.data.train + (recipe.data.validation or []):
+            assert Path(file).exists() or str(Path(file).resolve()).startswith(str(REPO.parent / "shared")), file
 
 
 def test_classifier_prompt_needs_a_text_slot(tmp_path):

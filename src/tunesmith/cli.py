@@ -52,9 +52,16 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue the run in output_dir from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace whatever output_dir holds")] = False,
 ) -> None:
-    """Train a model as the recipe says (stage: pretrain | sft | classify | reward | dpo | rl)."""
-    from tunesmith.config import load_recipe
+    """Train a model as the recipe says (stage: pretrain | sft | classify | reward | dpo | rl), or run a chained
+    recipe's `stages:` in order, each from the previous stage's artifact."""
+    from tunesmith.config import is_chain, load_chain, load_recipe
 
+    if recipe.is_file() and is_chain(recipe):
+        from tunesmith.chain import run_chain
+
+        _quiet_libraries()
+        run_chain(load_chain(recipe, overrides or []), run_recipe, _console(), resume=resume, overwrite=overwrite)
+        return
     config = load_recipe(recipe, overrides or [])
     run_recipe(config, resume=resume, overwrite=overwrite)
 

@@ -8,6 +8,7 @@ line naming the file, the line and the field, with a "did you mean" for misspell
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -299,6 +300,157 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict |
         raise TunesmithError(_explain(exc, path, lines, from_cli)) from None
 
 
+# --- chained recipes ------------------------------------------------------------------------
+
+CHAIN_SHARED = ("model", "tuning", "training")  # chain-level sections every stage inherits (a stage's own values win)
+STEP_KINDS = ("pretrain", "sft", "classify", "reward", "dpo", "rl", "export")
+
+
+@dataclass
+class ChainStep:
+    name: str
+    kind: str  # a recipe stage, or "export" (merge the policy adapter into its base)
+    output_dir: Path
+    recipe: Recipe | None  # None for export
+    source: str | None = None  # export: the adapter folder it merges
+
+
+@dataclass
+class Chain:
+    path: Path
+    output_dir: Path
+    steps: list[ChainStep]
+
+
+def is_chain(path: str | Path) -> bool:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "stages" in raw
+
+
+def load_chain(path: str | Path, overrides: list[str] = ()) -> Chain:
+    """A recipe whose `stages:` run in order, each starting from the previous stage's artifact.
+
+    Each stage's folder is `output_dir/NN-name`. The policy flows down the chain: after a LoRA
+    stage the next LoRA stage continues that adapter (`tuning.init_adapter`); after a full or
+    frozen-layer stage the next stage starts from that model (`model.path`); `export` merges the
+    current adapter into its base. A reward stage's model feeds the next rl stage that names no
+    reward. Overrides `stages.N.key=value` change one stage; any other override applies to every stage."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    raw = yaml.safe_load(text) or {}
+    lines = _key_lines(text)
+    own = [o for o in overrides if o.partition("=")[0].strip().startswith("stages.")]
+    every = [o for o in overrides if o not in own]
+    for item in own:
+        _apply_override(raw, item)
+    unknown = sorted(set(raw) - {"stages", "output_dir", *CHAIN_SHARED})
+    if unknown:
+        raise TunesmithError(f"{where(path, lines.get((unknown[0],)))}: {unknown[0]}: not a chain key; a chained recipe "
+                             f"has {', '.join(('stages', 'output_dir', *CHAIN_SHARED))}; put stage settings under a stage")
+    stages = raw.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise TunesmithError(f"{where(path, lines.get(('stages',)))}: stages: give a list of stages (each a recipe "
+                             "without model and output_dir)")
+    if not isinstance(raw.get("output_dir"), str):
+        raise TunesmithError(f"{where(path, lines.get(('output_dir',)))}: output_dir: required (each stage writes a subfolder)")
+    out = Path(raw["output_dir"])
+    base_model = raw.get("model", DEFAULT_MODEL)
+    policy: tuple[str, str] | None = None  # ("adapter" | "model", folder) of the latest trained policy
+    reward_model: str | None = None
+    steps, names = [], set()
+    for i, step in enumerate(stages):
+        at = where(path, lines.get(("stages", str(i))))
+        if not isinstance(step, dict) or "stage" not in step:
+            raise TunesmithError(f"{at}: stages.{i}: each stage is a mapping with at least `stage:` "
+                                 f"({', '.join(STEP_KINDS)})")
+        for key in ("model", "output_dir"):
+            if key in step:
+                raise TunesmithError(f"{where(path, lines.get(('stages', str(i), key)))}: stages.{i}.{key}: set once for "
+                                     f"the whole chain (stage folders are output_dir/NN-name)")
+        kind, name = step["stage"], str(step.get("name") or step["stage"])
+        if kind not in STEP_KINDS:
+            raise TunesmithError(f"{where(path, lines.get(('stages', str(i), 'stage')))}: stages.{i}.stage: unknown "
+                                 f"stage {kind!r}; one of {', '.join(STEP_KINDS)}")
+        if name in names:
+            raise TunesmithError(f"{at}: stages.{i}.name: {name!r} is used twice; give each stage its own name")
+        names.add(name)
+        folder = out / f"{i + 1:02d}-{name}"
+        if kind == "export":
+            if policy is None or policy[0] != "adapter":
+                raise TunesmithError(f"{at}: stages.{i}: export merges a LoRA adapter into its base; no LoRA stage comes "
+                                     "before it")
+            steps.append(ChainStep(name, kind, folder, None, policy[1]))
+            policy = ("model", str(folder))
+            continue
+        merged = {k: v for k, v in step.items() if k != "name"}
+        for key in CHAIN_SHARED:
+            if key in raw and key != "model":
+                merged[key] = _deep_merge(raw[key], merged.get(key) or {})
+        merged["model"] = base_model
+        merged["output_dir"] = str(folder)
+        _resolve_data_paths(merged, path.parent)  # before overrides: theirs are relative to the working directory
+        for item in every:
+            _apply_override(merged, item)
+        method = (merged.get("tuning") or {}).get("method", "none" if kind == "classify" else "lora")
+        if policy and kind in ("pretrain", "sft", "dpo", "rl"):
+            if policy[0] == "adapter":
+                if method != "lora":
+                    raise TunesmithError(f"{at}: stages.{i}: trains {method} after a LoRA stage; add `- stage: export` "
+                                         "before it to merge the adapter into the base first")
+                merged.setdefault("tuning", {}).setdefault("init_adapter", policy[1])
+            else:
+                merged["model"] = _with_path(merged["model"], policy[1])
+        elif policy and policy[0] == "model":  # reward and classify start from the latest whole model
+            merged["model"] = _with_path(merged["model"], policy[1])
+        if kind == "rl":
+            rl = merged.setdefault("rl", {})
+            if isinstance(rl, dict) and not rl.get("reward_model") and not rl.get("reward_function"):
+                if reward_model is None:
+                    raise TunesmithError(f"{at}: stages.{i}: rl needs a reward: put a reward stage before it, or set "
+                                         "rl.reward_model / rl.reward_function")
+                rl["reward_model"] = reward_model
+        try:
+            recipe = Recipe.model_validate(merged)
+        except ValidationError as exc:
+            raise TunesmithError(_explain_step(exc, path, lines, i)) from None
+        steps.append(ChainStep(name, kind, folder, recipe))
+        if kind == "reward":
+            reward_model = str(folder)
+        elif kind in ("pretrain", "sft", "dpo", "rl"):
+            policy = ("adapter" if recipe.tuning.method == "lora" else "model", str(folder))
+    return Chain(path, out, steps)
+
+
+def _deep_merge(shared: Any, own: Any) -> Any:
+    if isinstance(shared, dict) and isinstance(own, dict):
+        return {**shared, **{k: _deep_merge(shared.get(k), v) for k, v in own.items()}}
+    return own
+
+
+def _with_path(model: Any, folder: str) -> dict:
+    settings = dict(model) if isinstance(model, dict) else {}
+    settings["path"] = folder
+    settings.pop("gguf_file", None)
+    return settings
+
+
+def _explain_step(exc: ValidationError, path: Path, lines: dict, index: int) -> str:
+    errors = exc.errors()
+    first = dict(errors[0])
+    loc = tuple(str(p) for p in first["loc"])
+    first["loc"] = ("stages", str(index), *loc)
+    message = _explain_one(first, path, lines, set())
+    # Keys inherited from the chain level point at their own lines when the stage does not set them.
+    if (("stages", str(index), *loc[:1]) not in lines) and (loc[:1] in lines):
+        first["loc"] = loc
+        message = _explain_one(first, path, lines, set()).replace(f": {'.'.join(loc)}:", f": stages.{index}: {'.'.join(loc)}:", 1)
+    extra = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return message + extra
+
+
 def _apply_override(raw: dict, item: str) -> tuple[str, ...]:
     if "=" not in item:
         raise TunesmithError(f"override '{item}': write it as key.sub=value, e.g. training.max_steps=3")
@@ -312,7 +464,15 @@ def _apply_override(raw: dict, item: str) -> tuple[str, ...]:
         value = value_text
     node = raw
     for depth, k in enumerate(keys[:-1]):
+        if isinstance(node, list):  # stages.2.training.max_steps
+            if not k.isdigit() or int(k) >= len(node):
+                raise TunesmithError(f"override '{item}': {k!r} is not an index of the list here (0-{len(node) - 1})")
+            node = node[int(k)]
+            continue
         child = node.get(k)
+        if isinstance(child, list):
+            node = child
+            continue
         if k == "model" and depth == 0 and isinstance(child, str):
             child = {"path": child}
         if not isinstance(child, dict):
@@ -407,6 +567,8 @@ def _explain_one(err: dict, path: Path | None, lines: dict, from_cli: set) -> st
 
 
 def _known_keys(loc: tuple[str, ...]) -> list[str]:
+    if loc[:1] == ("stages",):  # a stage of a chained recipe is a recipe
+        loc = loc[2:]
     model: type[BaseModel] | None = Recipe
     for key in loc:
         field = model.model_fields.get(key) if model else None
