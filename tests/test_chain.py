@@ -116,6 +116,7 @@ def test_bad_chains_are_one_line_errors_before_anything_runs(tmp_path, capsys, s
 
 def test_overrides_reach_one_stage_or_all(tmp_path):
     path = write_chain(tmp_path)
-    chain = load_chain(path, ["stages.1.training.max_steps=5", "training.learning_rate=0.5"])
+    chain = load_chain(path, ["stages.1.training.max_steps=5", "training.learning_rate=0.5", f"output_dir={tmp_path / 'o'}"])
+    assert chain.output_dir == tmp_path / "o" and chain.steps[0].recipe.output_dir == str(tmp_path / "o" / "01-pretrain")
     assert [s.recipe.training.max_steps for s in chain.steps[:4]] == [2, 5, 2, 2]
     assert all(s.recipe.training.learning_rate == 0.5 for s in chain.steps[:4])

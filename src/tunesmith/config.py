@@ -337,12 +337,13 @@ def load_chain(path: str | Path, overrides: list[str] = ()) -> Chain:
     stage the next LoRA stage continues that adapter (`tuning.init_adapter`); after a full or
     frozen-layer stage the next stage starts from that model (`model.path`); `export` merges the
     current adapter into its base. A reward stage's model feeds the next rl stage that names no
-    reward. Overrides `stages.N.key=value` change one stage; any other override applies to every stage."""
+    reward. Overrides `stages.N.key=value` change one stage, `output_dir=` the chain's folder; any other
+    override applies to every stage."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     raw = yaml.safe_load(text) or {}
     lines = _key_lines(text)
-    own = [o for o in overrides if o.partition("=")[0].strip().startswith("stages.")]
+    own = [o for o in overrides if o.partition("=")[0].strip().split(".")[0] in ("stages", "output_dir")]
     every = [o for o in overrides if o not in own]
     for item in own:
         _apply_override(raw, item)
