@@ -51,10 +51,25 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="continue the run in output_dir from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace whatever output_dir holds")] = False,
+    nproc: Annotated[int, typer.Option(help="data-parallel processes on this machine (torchrun; gloo on CPU, NCCL "
+                                            "on GPUs); pretrain and sft")] = 1,
 ) -> None:
     """Train a model as the recipe says (stage: pretrain | sft | classify | reward | dpo | rl), or run a chained
     recipe's `stages:` in order, each from the previous stage's artifact."""
     from tunesmith.config import is_chain, load_chain, load_recipe
+
+    if nproc > 1:
+        from tunesmith import distributed
+
+        if is_chain(recipe):
+            raise TunesmithError("--nproc runs one recipe; run a chain's stages one by one to spread them")
+        config = load_recipe(recipe, overrides or [])  # check it here, once, before starting processes
+        if config.stage not in ("pretrain", "sft"):
+            raise TunesmithError(f"--nproc: stage {config.stage} runs in one process; data-parallel runs are for "
+                                 "pretrain and sft")
+        argv = ["train", str(recipe), *(overrides or [])] + (["--resume"] if resume else []) + (
+            ["--overwrite"] if overwrite else [])
+        raise typer.Exit(distributed.launch(nproc, argv))
 
     if recipe.is_file() and is_chain(recipe):
         from tunesmith.chain import run_chain
@@ -69,6 +84,20 @@ def train(
 def run_recipe(config, resume: bool = False, overwrite: bool = False, preview_tokens: int = 48) -> dict:
     _quiet_libraries()
     console = _console()
+    from tunesmith import distributed
+
+    if distributed.launched():  # started by torchrun (--nproc): join the group; only rank 0 speaks
+        if config.stage not in ("pretrain", "sft"):
+            raise TunesmithError(f"stage {config.stage} runs in one process; launch pretrain or sft with several")
+        from tunesmith.models import pick_runtime
+
+        distributed.init(pick_runtime(config.model).torch_device.type)
+        if not distributed.is_main():
+            import io
+
+            from rich.console import Console
+
+            console = Console(file=io.StringIO())
     console.print(f"[bold]tunesmith[/bold] {config.stage} · {config.tuning.method} · model {config.model.path} "
                   f"→ {config.output_dir}")
     if config.stage == "classify":
@@ -96,6 +125,10 @@ def run_recipe(config, resume: bool = False, overwrite: bool = False, preview_to
         from tunesmith.stages import sft
 
         summary = sft.run(config, console, resume=resume, overwrite=overwrite, preview_tokens=preview_tokens)
+    if distributed.launched():
+        distributed.finish()
+        if "files" not in summary:  # not rank 0: it wrote and prints the results
+            return summary
     _print_summary(console, summary, Path(config.output_dir))
     return summary
 

@@ -105,13 +105,27 @@ def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def open_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path:
+    from tunesmith import distributed
+
     out = Path(recipe.output_dir)
-    if overwrite and out.is_dir():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_text_atomic(out / RECIPE_FILE, recipe.to_yaml())
+    if distributed.is_main():  # in a run of several processes only rank 0 writes
+        if overwrite and out.is_dir():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_text_atomic(out / RECIPE_FILE, recipe.to_yaml())
+    distributed.barrier()
     return out
+
+
+def shared_rows(recipe: Recipe, build):
+    """Tokenise once: rank 0 builds the rows and hands them to the other processes (one process: just build)."""
+    from tunesmith import distributed
+    from tunesmith.models import tunesmith_home
+
+    key = json.dumps({k: v for k, v in recipe.model_dump(mode="json").items() if k in ("model", "stage", "data", "training")},
+                     sort_keys=True)
+    return distributed.shared(key, build, tunesmith_home() / "cache" / "rows")
 
 
 # --- model ---------------------------------------------------------------------------------
@@ -263,9 +277,15 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
     from tunesmith.evaluate.metrics import perplexity
     from tunesmith.stages.loop import Loop, read_metrics
 
+    from tunesmith import distributed
+
     out = open_output_dir(recipe, resume, overwrite)
+    main = distributed.is_main()
     model, report = build_model(recipe, base)
-    console.print(f"[bold]{report}[/bold] ({recipe.tuning.method})")
+    processes = distributed.world()[1]
+    console.print(f"[bold]{report}[/bold] ({recipe.tuning.method})"
+                  + (f"; {processes} processes, global batch {recipe.training.micro_batch_size * processes} rows x "
+                     f"{recipe.training.gradient_accumulation} accumulation" if processes > 1 else ""))
     loop = Loop(model, rows, eval_rows, recipe.training, out, base.tokenizer.pad_token_id,
                 base.runtime.torch_device, base.runtime.autocast_bf16)
     start_step = loop.resume() if resume else 0
@@ -276,7 +296,8 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
         before = next((r["eval_loss"] for r in read_metrics(loop.metrics_path) if r.get("step") == 0 and "eval_loss" in r),
                       None)
     else:
-        loop.metrics_path.unlink(missing_ok=True)  # a fresh start (or a resume with no checkpoint yet)
+        if main:
+            loop.metrics_path.unlink(missing_ok=True)  # a fresh start (or a resume with no checkpoint yet)
         if eval_rows:
             with console.status("evaluating before training..."):
                 before = loop.evaluate()
@@ -284,7 +305,7 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
             console.print(f"eval loss before: {before:.4f} (perplexity {perplexity(before):.2f})")
         else:
             console.print("no validation split (data.validation_fraction=0): eval loss is not measured")
-        if preview:
+        if preview and main:
             with console.status("answering before training..."):
                 prompt, answer = preview(model)
             write_text_atomic(samples_path, json.dumps({"when": "before", "prompt": prompt, "answer": answer}) + "\n")
@@ -302,7 +323,7 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
 
     summary = {
         **summary,
-        "stage": recipe.stage, "method": recipe.tuning.method, "base": recipe.model.path,
+        "stage": recipe.stage, "method": recipe.tuning.method, "base": recipe.model.path, "processes": processes,
         "trainable_parameters": report.trainable, "total_parameters": report.total,
         "steps": result.steps, "tokens": result.tokens,
         "train_seconds": round(result.seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
@@ -310,6 +331,8 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
         "perplexity_before": None if before is None else round(perplexity(before), 3),
         "perplexity_after": None if after is None else round(perplexity(after), 3),
     }
+    if not main:  # the other ranks are done: rank 0 writes the artifacts
+        return summary
     if preview:
         prompt, answer = preview(model)
         lines = [r for r in read_metrics(samples_path) if r.get("when") == "before"]

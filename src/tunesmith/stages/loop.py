@@ -13,6 +13,7 @@ and owning it makes resume exact. What it guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -57,19 +58,26 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def plan_steps(n_rows: int, training: TrainingConfig) -> Plan:
-    micro = math.ceil(n_rows / training.micro_batch_size)
+def plan_steps(n_rows: int, training: TrainingConfig, processes: int = 1) -> Plan:
+    """Steps of the run; a micro-batch spans every process (micro_batch_size rows each)."""
+    micro = math.ceil(n_rows / (training.micro_batch_size * processes))
     per_epoch = micro / training.gradient_accumulation
     total = training.max_steps or max(1, math.ceil(training.epochs * per_epoch))
     return Plan(micro, per_epoch, total)
 
 
-def micro_batch_rows(rows: list[PackedRow], index: int, training: TrainingConfig, micro_per_epoch: int) -> list[PackedRow]:
-    """Rows of the index-th micro-batch of the endless, epoch-by-epoch shuffled stream."""
+def micro_batch_rows(rows: list[PackedRow], index: int, training: TrainingConfig, micro_per_epoch: int,
+                     rank: int = 0, processes: int = 1) -> list[PackedRow]:
+    """Rows of the index-th micro-batch of the endless, epoch-by-epoch shuffled stream (this rank's share:
+    the global micro-batch is `micro_batch_size x processes` consecutive rows of the same order, so a run
+    on N processes sees exactly the rows one process would with an N times larger micro-batch)."""
     epoch, within = divmod(index, micro_per_epoch)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(training.seed + epoch)).tolist()
-    picked = order[within * training.micro_batch_size : (within + 1) * training.micro_batch_size]
-    return [rows[i] for i in picked]
+    size = training.micro_batch_size
+    block = order[within * size * processes : (within + 1) * size * processes]
+    if processes > 1 and len(block) < size * processes:  # an epoch's short last block: wrap around, as
+        block += order[: size * processes - len(block)]  # DistributedSampler does, so no rank sits idle
+    return [rows[i] for i in block[rank * size : (rank + 1) * size]]
 
 
 # --- the loss -----------------------------------------------------------------------------
@@ -164,7 +172,12 @@ class Loop:
         self.out_dir, self.pad_id, self.device, self.autocast_bf16 = Path(out_dir), pad_id, device, autocast_bf16
         self.on_step = on_step
         self.objective = objective or CausalLMObjective(pad_id)
-        self.plan = plan_steps(len(rows), training)
+        from tunesmith import distributed
+
+        self.rank, self.processes = distributed.world()
+        self.plan = plan_steps(len(rows), training, self.processes)
+        # Under torchrun the loss runs through DistributedDataParallel, which averages gradients over ranks.
+        self.synced = distributed.wrap(_LossModule(model, self.objective), device.type) if self.processes > 1 else None
         self.eval_key = getattr(self.objective, "eval_key", "eval_loss")
         self.updates = getattr(self.objective, "updates_per_batch", 1)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -186,10 +199,24 @@ class Loop:
 
     # -- evaluation and logging --
     def evaluate(self) -> float:
-        return self.objective.evaluate(self.model, self.eval_rows, self.training.micro_batch_size, self.device,
-                                       self.autocast_bf16, self.training.eval_max_batches)
+        if self.processes == 1:
+            return self.objective.evaluate(self.model, self.eval_rows, self.training.micro_batch_size, self.device,
+                                           self.autocast_bf16, self.training.eval_max_batches)
+        from tunesmith import distributed
+
+        # Each rank scores every processes-th row; the means are combined by their weights.
+        share = self.eval_rows[self.rank :: self.processes]
+        batches = self.training.eval_max_batches
+        mean = self.objective.evaluate(self.model, share, self.training.micro_batch_size, self.device,
+                                       self.autocast_bf16, batches) if share else 0.0
+        used = share[: batches * self.training.micro_batch_size] if batches else share
+        weight = sum(self.objective.weight(self.objective.batch([row], torch.device("cpu"))) for row in used)
+        total, count = distributed.all_sum([mean * weight, weight])
+        return total / max(count, 1)
 
     def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.on_step:
@@ -202,26 +229,40 @@ class Loop:
         result = TrainResult(self.step, self.tokens, 0.0)
         result.train_losses, result.eval_losses = self._history()
         start, start_tokens = time.perf_counter(), self.tokens
+        from tunesmith import distributed
+
         while self.step < self.plan.total_steps:
             micro = [micro_batch_rows(self.rows, self.step * training.gradient_accumulation + k, training,
-                                      self.plan.micro_batches_per_epoch) for k in range(training.gradient_accumulation)]
+                                      self.plan.micro_batches_per_epoch, self.rank, self.processes)
+                     for k in range(training.gradient_accumulation)]
             batches = [self.objective.batch(rows, self.device) for rows in micro]
             targets = sum(self.objective.weight(b) for b in batches)
+            if self.processes > 1:  # normalise by the whole step's targets, over every rank
+                targets = int(distributed.all_sum([targets])[0])
             lr = self.scheduler.get_last_lr()[0]
             for _ in range(self.updates):
                 step_loss = 0.0
-                for batch in batches:
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-                        loss = self.objective.loss_sum(model, batch) / max(targets, 1)
-                    loss.backward()
-                    step_loss += float(loss.detach())
+                for k, batch in enumerate(batches):
+                    last = k == len(batches) - 1  # DDP all-reduces gradients on the last micro-batch only
+                    with (self.synced.no_sync() if self.synced is not None and not last else contextlib.nullcontext()):
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+                            if self.synced is None:
+                                loss = self.objective.loss_sum(model, batch) / max(targets, 1)
+                            else:  # DDP averages over ranks: scale so the sum over ranks is the step's loss
+                                loss = self.synced(batch) * self.processes / max(targets, 1)
+                        loss.backward()
+                    step_loss += float(loss.detach()) / self.processes
                 grad_norm = (torch.nn.utils.clip_grad_norm_(self.params, training.max_grad_norm)
                              if training.max_grad_norm else None)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.tokens += sum(self.objective.tokens(rows) for rows in micro)
+            step_tokens = sum(self.objective.tokens(rows) for rows in micro)
+            if self.processes > 1:
+                step_loss, step_tokens = distributed.all_sum([step_loss, step_tokens])
+                step_tokens = int(step_tokens)
+            self.tokens += step_tokens
             elapsed = time.perf_counter() - start
             result.seconds = elapsed
             record = {"step": self.step, "loss": round(step_loss, 6), "lr": lr, "tokens": self.tokens,
@@ -255,9 +296,15 @@ class Loop:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes (every rank holds the same weights); the others wait until it is on disk."""
         from safetensors.torch import save_file
 
+        from tunesmith import distributed
+
+        if self.rank != 0:
+            distributed.barrier()
+            return None
         folder = self.out_dir / CHECKPOINTS / f"step-{self.step:07d}"
         with building_dir(folder) as tmp:
             save_file(self.trainable_state(), tmp / "trainable.safetensors")
@@ -267,6 +314,7 @@ class Loop:
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "tokens": self.tokens}))
         for old in list_checkpoints(self.out_dir)[: -self.training.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
         return folder
 
     def resume(self) -> int:
@@ -293,9 +341,21 @@ class Loop:
         _set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
         self.step, self.tokens = state["step"], state["tokens"]
         # Forget metrics logged after the checkpoint: those steps are about to be redone.
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
-        write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.rank == 0:
+            kept = [r for r in read_metrics(self.metrics_path) if r.get("step", 0) <= self.step]
+            write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         return self.step
+
+
+class _LossModule(torch.nn.Module):
+    """The objective's summed loss as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: torch.nn.Module, objective) -> None:
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.objective.loss_sum(self.model, batch)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:

@@ -14,7 +14,8 @@ from rich.console import Console
 from tunesmith.config import Recipe
 from tunesmith.data.render import as_rows, length_stats, pack_sequences
 from tunesmith.generate import generate_reply
-from tunesmith.stages.common import check_output_dir, format_rows, load_split, open_base, render_all, train_causal_lm
+from tunesmith.stages.common import (check_output_dir, format_rows, load_split, open_base, render_all, shared_rows,
+                                     train_causal_lm)
 
 
 def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool = False,
@@ -26,11 +27,14 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
     training = recipe.training
 
     # 2. Render chats with response-only labels; pack if asked.
-    samples, truncated, dropped = render_all(base.tokenizer, split.train, training.max_length, recipe.data.overlong)
-    eval_samples, _, _ = render_all(base.tokenizer, split.validation, training.max_length, "truncate")
-    stats = length_stats(samples, training.max_length)
-    shape = pack_sequences if training.packing else (lambda s, _: as_rows(s))
-    rows, eval_rows = shape(samples, training.max_length), shape(eval_samples, training.max_length)
+    def build():
+        samples, truncated, dropped = render_all(base.tokenizer, split.train, training.max_length, recipe.data.overlong)
+        eval_samples, _, _ = render_all(base.tokenizer, split.validation, training.max_length, "truncate")
+        shape = pack_sequences if training.packing else (lambda s, _: as_rows(s))
+        return (shape(samples, training.max_length), shape(eval_samples, training.max_length),
+                length_stats(samples, training.max_length), truncated, dropped)
+
+    rows, eval_rows, stats, truncated, dropped = shared_rows(recipe, build)  # several processes: tokenised once
     console.print(
         f"data: {len(split.train):,} train / {len(split.validation):,} validation examples ({split.format}); "
         f"skipped {split.skipped}, truncated {truncated}, dropped {dropped}; train {format_rows(rows)}"

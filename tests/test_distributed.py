@@ -1,0 +1,83 @@
+"""Data-parallel training with torchrun (gloo on CPU): 2 processes == 1 process with the same global batch; resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import chat_rows, run_cli, write_jsonl, write_recipe
+
+from tunesmith.config import TrainingConfig
+from tunesmith.stages.loop import micro_batch_rows
+
+
+def tunesmith(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "tunesmith.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def losses(folder):
+    return [(r["step"], r["loss"], r["tokens"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def test_ranks_split_each_global_micro_batch():
+    rows = list(range(10))
+    one = TrainingConfig(micro_batch_size=4, seed=3)
+    two = TrainingConfig(micro_batch_size=2, seed=3)
+    for index in range(5):  # across an epoch boundary (3 micro-batches per epoch of 10 rows at 4)
+        whole = micro_batch_rows(rows, index, one, 3)
+        shares = [micro_batch_rows(rows, index, two, 3, rank, 2) for rank in (0, 1)]
+        if len(whole) == 4:
+            assert shares[0] + shares[1] == whole
+        else:  # the epoch's short last block wraps around so both ranks have rows
+            assert shares[0] + shares[1][: len(whole) - 2] == whole and len(shares[1]) == 2
+
+
+def test_two_processes_match_one_and_resume(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    recipe = write_recipe(tmp_path, training={"max_steps": 4, "learning_rate": 1e-3, "micro_batch_size": 4,
+                                              "gradient_accumulation": 2, "max_length": 64,
+                                              "lr_schedule": "constant", "seed": 0, "save_every": 2})
+    one = tunesmith("train", str(recipe), f"output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = tunesmith("train", str(recipe), f"output_dir={tmp_path / 'two'}", "training.micro_batch_size=2", "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 processes, global batch 4 rows x 2 accumulation" in two.stdout
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert [(s, round(loss, 4), t) for s, loss, t in losses(tmp_path / "one")] == \
+        [(s, round(loss, 4), t) for s, loss, t in losses(tmp_path / "two")]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    assert not list((tmp_path / "two").glob("*rank*"))  # only rank 0 wrote, once
+
+    # A distributed run stopped after its step-2 checkpoint resumes to the same weights.
+    part = tunesmith("train", str(recipe), f"output_dir={tmp_path / 'part'}", "training.micro_batch_size=2",
+                     "training.max_steps=2", "--nproc", "2")
+    assert part.returncode == 0, part.stderr[-2000:]
+    resumed = tunesmith("train", str(recipe), f"output_dir={tmp_path / 'part'}", "training.micro_batch_size=2",
+                        "--nproc", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 2 of 4" in resumed.stdout
+    c = weights(tmp_path / "part")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_nproc_is_refused_where_it_does_not_apply(tmp_path, capsys):
+    write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    code, _, err = run_cli("train", str(write_recipe(tmp_path, stage="reward")), "--nproc", "2", capsys=capsys)
+    assert code == 2 and "stage reward runs in one process" in err
+    code, out, err = run_cli("train", str(write_recipe(tmp_path)), "--nproc", "1", capsys=capsys)
+    assert code == 0, err  # 1 process is the plain run
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["processes"] == 1
