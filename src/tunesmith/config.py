@@ -116,6 +116,8 @@ class TrainingConfig(_Strict):
     save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps")
     keep_checkpoints: int = Field(2, gt=0)
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in the backward pass "
+                                           "instead of keeping them: less memory, ~30% more compute")
 
 
 class ClassifierConfig(_Strict):

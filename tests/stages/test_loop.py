@@ -1,5 +1,6 @@
 """The loop's contracts: accumulation normalised by tokens, data order, step planning."""
 
+import pytest
 import torch
 
 from conftest import chat_rows, write_jsonl
@@ -51,3 +52,34 @@ def test_data_order_is_a_function_of_seed_and_epoch(tmp_path):
 def test_plan_counts_steps_from_epochs_or_max_steps():
     assert plan_steps(10, TrainingConfig(micro_batch_size=2, gradient_accumulation=2, epochs=2)).total_steps == 5
     assert plan_steps(10, TrainingConfig(max_steps=7)).total_steps == 7
+
+
+def test_chunked_cross_entropy_equals_the_plain_one():
+    import torch.nn.functional as F
+
+    from tunesmith.stages.loop import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 500, bias=False)
+    hidden = torch.randn(700, 32, requires_grad=True)
+    targets = torch.randint(0, 500, (700,))
+    plain = F.cross_entropy(head(hidden), targets, reduction="sum")
+    plain.backward()
+    grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    chunked = chunked_cross_entropy(head, hidden, targets, chunk=128)
+    chunked.backward()
+    assert float(chunked.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
+    assert torch.allclose(hidden.grad, grads[0], atol=1e-6) and torch.allclose(head.weight.grad, grads[1], atol=1e-5)
+
+
+def test_activation_checkpointing_changes_no_loss(tmp_path):
+    from conftest import chat_rows, write_jsonl, write_recipe
+
+    from stages.helpers import losses, train
+
+    write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    recipe = write_recipe(tmp_path, tuning={"method": "full"})
+    train(recipe, [f"output_dir={tmp_path / 'plain'}"])
+    train(recipe, [f"output_dir={tmp_path / 'ckpt'}", "training.activation_checkpointing=true"])
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)

@@ -95,3 +95,65 @@ def retrieval_report(rankings: dict[str, list[str]], qrels: dict[str, dict[str, 
             "recall@10": mean(lambda q: recall_at_k(rankings[q], qrels[q], 10)),
             "mrr": mean(lambda q: reciprocal_rank(rankings[q], qrels[q])),
             "ndcg@10": mean(lambda q: ndcg_at_k(rankings[q], qrels[q], 10))}
+
+
+# --- generated text against a reference ------------------------------------------------------------
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"\w+", text.lower())
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased word tokens: the longest common subsequence as precision and recall
+    (Lin, 2004; beta = 1)."""
+    pred, ref = _words(prediction), _words(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    previous = [0] * (len(ref) + 1)
+    for word in pred:
+        current = [0]
+        for j, other in enumerate(ref, start=1):
+            current.append(previous[j - 1] + 1 if word == other else max(previous[j], current[j - 1]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1: bag-of-words overlap after lower-casing and dropping punctuation and articles."""
+    from collections import Counter
+
+    drop = {"a", "an", "the"}
+    pred = [w for w in _words(prediction) if w not in drop]
+    ref = [w for w in _words(reference) if w not in drop]
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+# --- uncertainty -----------------------------------------------------------------------------------
+
+def bootstrap_ci(statistic, n: int, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic over n examples.
+
+    `statistic` maps an integer array [resamples, n] of example indices (rows drawn with replacement) to
+    one value per row. The same seed draws the same rows, so intervals of routes scored on the same test
+    set are paired."""
+    import numpy as np
+
+    if n == 0:
+        return (math.nan, math.nan)
+    rows = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    values = np.asarray(statistic(rows), dtype=float)
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return float(low), float(high)

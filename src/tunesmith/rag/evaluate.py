@@ -87,13 +87,25 @@ def stated_label(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+def answer_messages(question: str, tokenizer, hits: list | None = None, budget: int = 768) -> list[dict[str, str]]:
+    """The yes/no/maybe prompt: the question (after numbered sources when there are hits), the instruction last,
+    where small models follow it best."""
+    from tunesmith.rag.answer import rag_messages
+
+    if hits:
+        messages, _ = rag_messages(question, hits, tokenizer, budget, instruction="Use the numbered sources.")
+    else:
+        messages = [{"role": "user", "content": f"Question: {question}"}]
+    messages[0]["content"] += f"\n\n{LABEL_INSTRUCTION}"
+    return messages
+
+
 def evaluate_answers(model, tokenizer, retriever: Retriever | None, queries: list[tuple[str, str]],
                      answers: dict[str, str], k: int = 3, budget: int = 768, batch_size: int = 8,
                      mode: str = "hybrid", on_batch=None) -> dict:
     """Accuracy of the stated label, for every query with a gold label; with `retriever`, the top-k chunks
     go in the prompt."""
     from tunesmith.generate import chat_prompt_ids
-    from tunesmith.rag.answer import rag_messages
     from tunesmith.serve.engine import Request, generate
 
     todo = [(qid, text) for qid, text in queries if qid in answers]
@@ -104,13 +116,8 @@ def evaluate_answers(model, tokenizer, retriever: Retriever | None, queries: lis
         group = todo[start : start + batch_size]
         requests = []
         for _, question in group:
-            # the instruction goes last: small models follow the nearest instruction best
-            if retriever is None:
-                messages = [{"role": "user", "content": f"Question: {question}"}]
-            else:
-                hits = retriever.search(question, k, mode)
-                messages, _ = rag_messages(question, hits, tokenizer, budget, instruction="Use the numbered sources.")
-            messages[0]["content"] += f"\n\n{LABEL_INSTRUCTION}"
+            hits = retriever.search(question, k, mode) if retriever is not None else None
+            messages = answer_messages(question, tokenizer, hits, budget)
             requests.append(Request(chat_prompt_ids(tokenizer, messages), max_tokens=16))
         for (qid, _), completion in zip(group, generate(model, tokenizer, requests)):
             stated[qid] = stated_label(completion.text)

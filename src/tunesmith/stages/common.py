@@ -155,6 +155,8 @@ def build_model(recipe: Recipe, base: Base, model: Any = None, task_type: str = 
     if model is None:
         model = load_model(base.folder, recipe.model, base.runtime)
     torch.manual_seed(recipe.training.seed)  # LoRA init and dropout start from the recipe's seed
+    if recipe.training.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if recipe.tuning.init_adapter:
         from peft import PeftModel
 

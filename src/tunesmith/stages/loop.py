@@ -91,11 +91,31 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
         ).last_hidden_state[:, :-1]
         keep = labels != IGNORE
-        logits = base.get_output_embeddings()(hidden[keep])
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        return chunked_cross_entropy(base.get_output_embeddings(), hidden[keep], labels[keep])
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
+
+
+LOSS_CHUNK = 1024  # target tokens whose vocabulary logits exist at once (49k-vocab fp32: 200 MB per 1024)
+
+
+def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                          chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` against `targets`, never holding more than `chunk` rows of logits.
+
+    Each chunk's logits are dropped after its loss is taken and rebuilt in the backward pass
+    (activation checkpointing of the head alone): a batch's full fp32 vocabulary logits, and their
+    gradient, would otherwise be the largest tensors of a small model's step."""
+    if hidden.shape[0] <= chunk:
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+    return sum(checkpoint(piece, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
+               for i in range(0, hidden.shape[0], chunk))
 
 
 @torch.no_grad()
