@@ -35,8 +35,14 @@ test: setup browser
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# Every benchmark, each printing its table (the reference measured in the same run); about 2 hours on 2 cores.
 bench: setup
 	$(PY) bench/sft_throughput.py
+	$(PY) bench/sft_throughput.py --method full
+	$(PY) bench/preference.py
+	$(PY) bench/serve.py
+	$(PY) bench/rag.py
+	$(PY) bench/classify.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
