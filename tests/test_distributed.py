@@ -74,6 +74,26 @@ def test_two_processes_match_one_and_resume(tmp_path):
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+def test_fsdp_full_fine_tuning_matches_one_process_and_resumes(tmp_path):
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    recipe = write_recipe(tmp_path, tuning={"method": "full"},
+                          training={"max_steps": 4, "learning_rate": 1e-3, "micro_batch_size": 4, "max_length": 64,
+                                    "lr_schedule": "constant", "seed": 0, "save_every": 2})
+    assert tunesmith("train", str(recipe), f"output_dir={tmp_path / 'one'}").returncode == 0
+    sharded = ["training.micro_batch_size=2", "training.parallel=fsdp", "--nproc", "2"]
+    two = tunesmith("train", str(recipe), f"output_dir={tmp_path / 'two'}", *sharded)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert tunesmith("train", str(recipe), f"output_dir={tmp_path / 'part'}", "training.max_steps=2", *sharded).returncode == 0
+    resumed = tunesmith("train", str(recipe), f"output_dir={tmp_path / 'part'}", *sharded, "--resume")
+    assert resumed.returncode == 0 and "resumed from step 2 of 4" in resumed.stdout, resumed.stderr[-2000:]
+    c = load_file(tmp_path / "part" / "model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
 def test_nproc_is_refused_where_it_does_not_apply(tmp_path, capsys):
     write_jsonl(tmp_path / "train.jsonl", chat_rows())
     code, _, err = run_cli("train", str(write_recipe(tmp_path, stage="reward")), "--nproc", "2", capsys=capsys)
@@ -81,3 +101,9 @@ def test_nproc_is_refused_where_it_does_not_apply(tmp_path, capsys):
     code, out, err = run_cli("train", str(write_recipe(tmp_path)), "--nproc", "1", capsys=capsys)
     assert code == 0, err  # 1 process is the plain run
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["processes"] == 1
+
+
+def test_fsdp_is_for_full_fine_tuning(tmp_path, capsys):
+    write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    code, _, err = run_cli("train", str(write_recipe(tmp_path)), "training.parallel=fsdp", capsys=capsys)
+    assert code == 2 and "training.parallel fsdp shards a fully trained model" in err

@@ -116,6 +116,9 @@ class TrainingConfig(_Strict):
     save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps")
     keep_checkpoints: int = Field(2, gt=0)
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="with --nproc: ddp keeps a whole model on every process; "
+                                             "fsdp shards weights, gradients and optimizer state across them (full "
+                                             "fine-tuning of a model too big for one device)")
     activation_checkpointing: bool = Field(False, description="recompute each block's activations in the backward pass "
                                            "instead of keeping them: less memory, ~30% more compute")
 
@@ -251,6 +254,9 @@ class Recipe(_Strict):
             raise ValueError(f"tuning.method none trains nothing in stage {self.stage}; use full, freeze or lora")
         if self.tuning.method == "full" and self.stage == "classify":
             raise ValueError("stage classify trains a head on a frozen base (none), with LoRA (lora) or top layers (freeze)")
+        if self.training.parallel == "fsdp" and self.tuning.method not in ("full", "freeze"):
+            raise ValueError("training.parallel fsdp shards a fully trained model; LoRA trains a few MB of weights, "
+                             "keep parallel ddp")
         if self.stage == "rl" and self.rl is None:
             raise ValueError("stage rl needs an rl section naming reward_model or reward_function")
         if self.stage != "rl" and self.rl is not None:

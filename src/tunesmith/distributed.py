@@ -120,6 +120,25 @@ def wrap(module: Any, device_type: str) -> Any:
     return DistributedDataParallel(module, find_unused_parameters=False, **kwargs)
 
 
+def shard(root: Any, model: Any) -> Any:
+    """FSDP2 (`fully_shard`): each transformer block is a unit, `root` (whose forward runs the step) holds the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = next((m for m in base.modules() if isinstance(m, __import__("torch").nn.ModuleList)), None)
+    if blocks is None:
+        raise TunesmithError("training.parallel fsdp: found no list of transformer blocks to shard in this model")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(root)
+    return root
+
+
+def full_tensor(tensor: Any) -> Any:
+    """The whole tensor from a sharded one (a collective: every rank must call it); plain tensors pass through."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """Re-run this command under torchrun with `nproc` processes on this machine; return its exit code."""
     if nproc < 2:

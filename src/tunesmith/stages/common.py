@@ -197,13 +197,14 @@ def load_pair_split(recipe: Recipe) -> tuple[list, list, int]:
     return train, held, skipped
 
 
-def save_final(model: Any, tokenizer: Any, out: Path) -> list[str]:
-    """Write the adapter (PEFT) or full model (safetensors) and the tokenizer with its chat template."""
+def save_final(model: Any, tokenizer: Any, out: Path, state_dict: dict | None = None) -> list[str]:
+    """Write the adapter (PEFT) or full model (safetensors) and the tokenizer with its chat template
+    (`state_dict`: the gathered weights of a sharded model)."""
     with building_dir(out / ".final") as tmp:
         if hasattr(model, "peft_config"):  # only the trained adapter (a frozen reference copy stays behind)
             model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[model.active_adapter])
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         names = sorted(p.name for p in tmp.iterdir())
         for path in tmp.iterdir():  # each file lands whole (rename), the folder keeps other artifacts
@@ -283,6 +284,8 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
 
     out = open_output_dir(recipe, resume, overwrite)
     main = distributed.is_main()
+    sharded = distributed.world()[1] > 1 and recipe.training.parallel == "fsdp"
+    preview = None if sharded else preview  # generating from rank 0 alone cannot gather the other ranks' shards
     model, report = build_model(recipe, base)
     processes = distributed.world()[1]
     console.print(f"[bold]{report}[/bold] ({recipe.tuning.method})"
@@ -333,6 +336,14 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
         "perplexity_before": None if before is None else round(perplexity(before), 3),
         "perplexity_after": None if after is None else round(perplexity(after), 3),
     }
+    state = None
+    if sharded:  # every rank takes part in gathering the whole model; rank 0 writes it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if getattr(model.config, "tie_word_embeddings", False):  # saved once, as save_pretrained does unsharded
+            head = next(name for name, module in model.named_modules() if module is model.get_output_embeddings())
+            state.pop(f"{head}.weight", None)
     if not main:  # the other ranks are done: rank 0 writes the artifacts
         return summary
     if preview:
@@ -343,7 +354,7 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
         summary["answer_before"] = lines[0]["answer"] if len(lines) > 1 else None
         summary["answer_after"] = answer
         summary["prompt"] = prompt
-    summary["files"] = save_final(model, base.tokenizer, out)
+    summary["files"] = save_final(model, base.tokenizer, out, state)
     summary["peak_rss_gib"] = round(peak_rss_gib(), 2)
     write_summary(out, summary, result.train_losses, result.eval_losses,
                   f"{recipe.stage} · {recipe.tuning.method} · {Path(recipe.model.path).name}")

@@ -196,8 +196,13 @@ class Loop:
 
         self.rank, self.processes = distributed.world()
         self.plan = plan_steps(len(rows), training, self.processes)
-        # Under torchrun the loss runs through DistributedDataParallel, which averages gradients over ranks.
-        self.synced = distributed.wrap(_LossModule(model, self.objective), device.type) if self.processes > 1 else None
+        # Under torchrun the loss runs through DistributedDataParallel (or FSDP2's sharded units), which
+        # average gradients over ranks. Parameters must be sharded before the optimizer sees them.
+        self.sharded = self.processes > 1 and training.parallel == "fsdp"
+        self.synced = None
+        if self.processes > 1:
+            module = _LossModule(model, self.objective)
+            self.synced = distributed.shard(module, model) if self.sharded else distributed.wrap(module, device.type)
         self.eval_key = getattr(self.objective, "eval_key", "eval_loss")
         self.updates = getattr(self.objective, "updates_per_batch", 1)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -222,17 +227,32 @@ class Loop:
         if self.processes == 1:
             return self.objective.evaluate(self.model, self.eval_rows, self.training.micro_batch_size, self.device,
                                            self.autocast_bf16, self.training.eval_max_batches)
+        return self._evaluate_together()
+
+    @torch.no_grad()
+    def _evaluate_together(self) -> float:
+        """Each rank scores every processes-th row through the synced module; every rank runs the same number
+        of forwards (collectives inside them must pair up), an idle one on a dummy batch that counts for nothing."""
         from tunesmith import distributed
 
-        # Each rank scores every processes-th row; the means are combined by their weights.
+        size = self.training.micro_batch_size
         share = self.eval_rows[self.rank :: self.processes]
-        batches = self.training.eval_max_batches
-        mean = self.objective.evaluate(self.model, share, self.training.micro_batch_size, self.device,
-                                       self.autocast_bf16, batches) if share else 0.0
-        used = share[: batches * self.training.micro_batch_size] if batches else share
-        weight = sum(self.objective.weight(self.objective.batch([row], torch.device("cpu"))) for row in used)
-        total, count = distributed.all_sum([mean * weight, weight])
-        return total / max(count, 1)
+        n_batches = math.ceil(math.ceil(len(self.eval_rows) / self.processes) / size)
+        if self.training.eval_max_batches:
+            n_batches = min(n_batches, self.training.eval_max_batches)
+        was_training = self.model.training
+        self.model.eval()
+        total, weight = 0.0, 0
+        for n in range(n_batches):
+            rows = share[n * size : (n + 1) * size]
+            batch = self.objective.batch(rows or self.eval_rows[:1], self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+                loss = float(self.synced(batch))
+            if rows:
+                total, weight = total + loss, weight + self.objective.weight(batch)
+        self.model.train(was_training)
+        total, weight = distributed.all_sum([total, weight])
+        return total / max(weight, 1)
 
     def log(self, record: dict) -> None:
         if self.rank != 0:
@@ -263,8 +283,11 @@ class Loop:
             for _ in range(self.updates):
                 step_loss = 0.0
                 for k, batch in enumerate(batches):
-                    last = k == len(batches) - 1  # DDP all-reduces gradients on the last micro-batch only
-                    with (self.synced.no_sync() if self.synced is not None and not last else contextlib.nullcontext()):
+                    last = k == len(batches) - 1  # gradients are all-reduced on the last micro-batch only
+                    if self.sharded:
+                        self.synced.set_requires_gradient_sync(last)
+                    with (self.synced.no_sync() if self.synced is not None and not self.sharded and not last
+                          else contextlib.nullcontext()):
                         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
                             if self.synced is None:
                                 loss = self.objective.loss_sum(model, batch) / max(targets, 1)
@@ -289,7 +312,7 @@ class Loop:
                       "target_tokens": targets, "seconds": round(elapsed, 3),
                       "tokens_per_s": round((self.tokens - start_tokens) / elapsed, 2)}
             if grad_norm is not None:
-                record["grad_norm"] = round(float(grad_norm), 6)
+                record["grad_norm"] = round(float(distributed.full_tensor(grad_norm)), 6)
             record.update(self.objective.step_metrics() if hasattr(self.objective, "step_metrics") else {})
             self.log(record)
             result.train_losses.append((self.step, step_loss))
@@ -314,7 +337,19 @@ class Loop:
 
     # -- checkpoints --
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
+        """Trainable weights, whole (sharded ones are gathered: every rank must call this)."""
+        from tunesmith import distributed
+
+        return {name: distributed.full_tensor(p.detach()).cpu().contiguous()
+                for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def optimizer_state(self) -> dict:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes (every rank holds the same weights); the others wait until it is on disk."""
@@ -322,14 +357,14 @@ class Loop:
 
         from tunesmith import distributed
 
+        weights, optimizer = self.trainable_state(), self.optimizer_state()  # gathered on every rank when sharded
         if self.rank != 0:
             distributed.barrier()
             return None
         folder = self.out_dir / CHECKPOINTS / f"step-{self.step:07d}"
         with building_dir(folder) as tmp:
-            save_file(self.trainable_state(), tmp / "trainable.safetensors")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       tmp / "optimizer.pt")
+            save_file(weights, tmp / "trainable.safetensors")
+            torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "tokens": self.tokens}))
         for old in list_checkpoints(self.out_dir)[: -self.training.keep_checkpoints]:
@@ -354,9 +389,20 @@ class Loop:
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in weights.items():
-                params[name].copy_(tensor)
+                param = params[name]
+                if hasattr(param, "device_mesh"):  # a shard: keep this rank's part of the whole tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    tensor = distribute_tensor(tensor.to(param.dtype), param.device_mesh, param.placements)
+                param.copy_(tensor)
         saved = torch.load(folder / "optimizer.pt", weights_only=False)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=saved["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
         self.step, self.tokens = state["step"], state["tokens"]
