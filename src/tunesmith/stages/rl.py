@@ -101,12 +101,16 @@ class RlObjective:
         width = max(len(p.ids) for p in prompts)
         ids = torch.tensor([[self.pad] * (width - len(p.ids)) + p.ids for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in prompts], device=device)
-        sampling = (dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else
+        from transformers import GenerationConfig
+
+        # A fresh config: a model's own defaults (repetition penalty, top-k, ...) would sample from another
+        # distribution than the one whose log-probs the loss uses.
+        sampling = (dict(do_sample=False) if greedy else
                     dict(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0))
+        settings = GenerationConfig(max_new_tokens=config.max_new_tokens, num_return_sequences=samples,
+                                    eos_token_id=self.stop_ids, pad_token_id=self.pad, **sampling)
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
-                             num_return_sequences=samples, eos_token_id=self.stop_ids, pad_token_id=self.pad,
-                             **sampling)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
         replies = []
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
