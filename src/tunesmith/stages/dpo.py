@@ -34,7 +34,7 @@ from tunesmith.stages.common import (build_model, check_output_dir, load_pair_sp
                                      peak_rss_gib, save_final, training_progress, write_summary)
 from tunesmith.stages.loop import micro_batch_rows, plan_steps
 from tunesmith.stages.policy import add_reference_adapter, as_reference, is_peft, sequence_logps
-from tunesmith.stages.reward import PairScores, pair_batch
+from tunesmith.stages.reward import PairObjective, pair_batch
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -46,23 +46,23 @@ class DpoRow:
     ref_rejected: float
 
 
-class DpoObjective:
-    """The DPO/IPO loss over pairs; the step's loss is the mean over its pairs."""
+class DpoObjective(PairObjective):
+    """The DPO/IPO loss over pairs whose reference log-probs travel with them."""
 
-    eval_key = "eval_loss"
+    metric_names = ("reward_accuracy", "reward_margin")
 
     def __init__(self, pad_id: int, config: DpoConfig, pack_length: int | None = None) -> None:
-        self.pad_id, self.config, self.pack_length = pad_id, config, pack_length
-        self._seen: list[float] = []
+        super().__init__(pad_id, pack_length)
+        self.config = config
+
+    def rows_of(self, rows: list[DpoRow]) -> list[PairRow]:
+        return [r.pair for r in rows]
 
     def batch(self, rows: list[DpoRow], device: torch.device) -> dict[str, torch.Tensor]:
-        batch = pair_batch([r.pair for r in rows], self.pad_id, device, self.pack_length)
+        batch = super().batch(rows, device)
         batch["ref"] = torch.tensor([r.ref_chosen for r in rows] + [r.ref_rejected for r in rows],
                                     dtype=torch.float32, device=device)
         return batch
-
-    def weight(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["ends"].shape[0] // 2
 
     def pair_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pair loss, and per-pair implicit reward margin beta * (log-ratio chosen - log-ratio rejected)."""
@@ -78,40 +78,6 @@ class DpoObjective:
             delta = beta * (chosen - rejected)
             losses = -(1 - smoothing) * F.logsigmoid(delta) - smoothing * F.logsigmoid(-delta)
         return losses, (beta * (chosen - rejected)).detach()
-
-    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        losses, margins = self.pair_losses(model, batch)
-        self._seen += margins.tolist()
-        return losses.sum()
-
-    def tokens(self, rows: list[DpoRow]) -> int:
-        return sum(len(r.pair.chosen.input_ids) + len(r.pair.rejected.input_ids) for r in rows)
-
-    def step_metrics(self) -> dict:
-        seen, self._seen = self._seen, []
-        if not seen:
-            return {}
-        return {"reward_accuracy": round(sum(m > 0 for m in seen) / len(seen), 4),
-                "reward_margin": round(sum(seen) / len(seen), 5)}
-
-    @torch.no_grad()
-    def score(self, model, rows: list[DpoRow], batch_size: int, device: torch.device, autocast_bf16: bool = False,
-              max_batches: int | None = None) -> PairScores:
-        was_training = model.training
-        model.eval()
-        margins, total = [], 0.0
-        for n, start in enumerate(range(0, len(rows), batch_size)):
-            if max_batches is not None and n >= max_batches:
-                break
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-                losses, got = self.pair_losses(model, self.batch(rows[start : start + batch_size], device))
-            total += float(losses.sum())
-            margins += got.tolist()
-        model.train(was_training)
-        return PairScores(margins, total / max(len(margins), 1))
-
-    def evaluate(self, model, rows, batch_size, device, autocast_bf16, max_batches) -> float:
-        return self.score(model, rows, batch_size, device, autocast_bf16, max_batches).loss
 
 
 def visited_rows(n_rows: int, recipe: Recipe) -> list[int]:

@@ -76,44 +76,47 @@ class PairScores:
         return sum(self.margins) / len(self.margins) if self.margins else 0.0
 
 
-class RewardObjective:
-    """Bradley-Terry over pairs; the step's loss is the mean over its pairs."""
+class PairObjective:
+    """What reward and DPO objectives share: batches of pairs, the step's loss as the mean over its pairs,
+    per-step accuracy and margin of the pairs trained on, held-out scoring. Subclasses give `pair_losses`
+    (per-pair loss and margin) and `metric_names` (how the step's accuracy and margin are logged)."""
 
     eval_key = "eval_loss"
+    metric_names = ("accuracy", "margin")
 
-    def __init__(self, pad_id: int, center_rewards: float = 0.0, pack_length: int | None = None) -> None:
-        self.pad_id, self.center, self.pack_length = pad_id, center_rewards, pack_length
-        self._seen = []  # margins of the pairs trained on since the last step_metrics()
+    def __init__(self, pad_id: int, pack_length: int | None = None) -> None:
+        self.pad_id, self.pack_length = pad_id, pack_length
+        self._seen: list[float] = []  # margins of the pairs trained on since the last step_metrics()
 
-    def batch(self, rows: list[PairRow], device: torch.device) -> dict[str, torch.Tensor]:
-        return pair_batch(rows, self.pad_id, device, self.pack_length)
+    def rows_of(self, rows: list) -> list[PairRow]:
+        return rows
+
+    def batch(self, rows: list, device: torch.device) -> dict[str, torch.Tensor]:
+        return pair_batch(self.rows_of(rows), self.pad_id, device, self.pack_length)
 
     def weight(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["ends"].shape[0] // 2
 
     def pair_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen, rejected = last_token_scores(model, batch).chunk(2)
-        losses = -F.logsigmoid(chosen - rejected)
-        if self.center:
-            losses = losses + self.center * (chosen + rejected) ** 2
-        return losses, (chosen - rejected).detach()
+        raise NotImplementedError
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         losses, margins = self.pair_losses(model, batch)
         self._seen += margins.tolist()
         return losses.sum()
 
-    def tokens(self, rows: list[PairRow]) -> int:
-        return sum(len(r.chosen.input_ids) + len(r.rejected.input_ids) for r in rows)
+    def tokens(self, rows: list) -> int:
+        return sum(len(r.chosen.input_ids) + len(r.rejected.input_ids) for r in self.rows_of(rows))
 
     def step_metrics(self) -> dict:
         seen, self._seen = self._seen, []
         if not seen:
             return {}
-        return {"accuracy": round(sum(m > 0 for m in seen) / len(seen), 4), "margin": round(sum(seen) / len(seen), 4)}
+        accuracy, margin = self.metric_names
+        return {accuracy: round(sum(m > 0 for m in seen) / len(seen), 4), margin: round(sum(seen) / len(seen), 5)}
 
     @torch.no_grad()
-    def score(self, model: torch.nn.Module, rows: list[PairRow], batch_size: int, device: torch.device,
+    def score(self, model: torch.nn.Module, rows: list, batch_size: int, device: torch.device,
               autocast_bf16: bool = False, max_batches: int | None = None) -> PairScores:
         was_training = model.training
         model.eval()
@@ -130,6 +133,21 @@ class RewardObjective:
 
     def evaluate(self, model, rows, batch_size, device, autocast_bf16, max_batches) -> float:
         return self.score(model, rows, batch_size, device, autocast_bf16, max_batches).loss
+
+
+class RewardObjective(PairObjective):
+    """Bradley-Terry: -log sigmoid(score_chosen - score_rejected), plus the optional centring penalty."""
+
+    def __init__(self, pad_id: int, center_rewards: float = 0.0, pack_length: int | None = None) -> None:
+        super().__init__(pad_id, pack_length)
+        self.center = center_rewards
+
+    def pair_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected = last_token_scores(model, batch).chunk(2)
+        losses = -F.logsigmoid(chosen - rejected)
+        if self.center:
+            losses = losses + self.center * (chosen + rejected) ** 2
+        return losses, (chosen - rejected).detach()
 
 
 def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool = False) -> dict:
