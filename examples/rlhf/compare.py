@@ -19,23 +19,31 @@ DATA = HERE.parents[1].parent / "shared" / "data" / "hh_rlhf_harmless" / "test.j
 
 
 def answer_all(name: str, folder: Path, prompts: list, cache: Path, max_new_tokens: int, batch_size: int, progress) -> list[str]:
+    """Greedy answers, cached per prompt (a rerun answers only the missing ones). Prompts go in batches of
+    similar length, shortest first, so a batch pads little."""
     from tunesmith.adapters import load_trained
-    from tunesmith.generate import generate_batch
+    from tunesmith.generate import chat_prompt_ids, generate_batch
 
     path = cache / f"{name}.jsonl"
-    done = [json.loads(x)["answer"] for x in path.read_text().splitlines()] if path.is_file() else []
-    if len(done) >= len(prompts):
-        return done[: len(prompts)]
-    model, tokenizer = load_trained(folder)
-    task = progress.add_task(f"answering with {name}", total=len(prompts), completed=len(done))
-    with path.open("a", encoding="utf-8") as handle:
-        for start in range(len(done), len(prompts), batch_size):
-            chunk = generate_batch(model, tokenizer, prompts[start : start + batch_size], max_new_tokens, batch_size)
-            handle.write("".join(json.dumps({"answer": a}) + "\n" for a in chunk))
-            handle.flush()
-            done += chunk
-            progress.update(task, completed=len(done))
-    return done
+    done: dict[int, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[row["index"]] = row["answer"]
+    missing = [i for i in range(len(prompts)) if i not in done]
+    if missing:
+        model, tokenizer = load_trained(folder)
+        missing.sort(key=lambda i: len(chat_prompt_ids(tokenizer, prompts[i])))
+        task = progress.add_task(f"answering with {name}", total=len(prompts), completed=len(done))
+        with path.open("a", encoding="utf-8") as handle:
+            for start in range(0, len(missing), batch_size):
+                picked = missing[start : start + batch_size]
+                answers = generate_batch(model, tokenizer, [prompts[i] for i in picked], max_new_tokens, batch_size)
+                handle.write("".join(json.dumps({"index": i, "answer": a}) + "\n" for i, a in zip(picked, answers)))
+                handle.flush()
+                done.update(zip(picked, answers))
+                progress.update(task, completed=len(done))
+    return [done[i] for i in range(len(prompts))]
 
 
 def main() -> None:
