@@ -252,6 +252,8 @@ def test_recommendation_names_the_cheapest_tied_route_and_the_checks():
 
     advice = recommend(rows[::3], "accuracy", False, 1000, "rarely", False, True, 0.95)
     assert advice.pick == "lora_sft" and "No cheaper route is statistically tied" in " ".join(advice.lines)
+    advice = recommend(rows[::3], "accuracy", False, 1000, "rarely", False, True, 0.95, baseline=("yes", 0.85))
+    assert "answering `yes` every time scores 0.850" in " ".join(advice.lines) and "includes it" in " ".join(advice.lines)
 
     advice = recommend(rows[::3], "accuracy", False, 120, "rarely", False, True, 0.95)
     assert advice.pick == "zero_shot" and "only 120 training examples" in " ".join(advice.lines)

@@ -201,10 +201,10 @@ def child_main(request_json: str) -> None:
                            Path(request["shared"]), Console(file=sys.stdout, highlight=False, width=120),
                            {k: (Path(p), r) for k, (p, r) in request["depends"].items()})
         result = RUNNERS[name](ctx)
-        summary = {k: v for k, v in asdict(result).items() if k != "records"}
+        summary = {k: v for k, v in asdict(result).items() if k not in ("records", "peak_rss_floor")}
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
         summary.update(examples=len(result.records), threads=torch.get_num_threads(),
-                       wall_seconds=round(time.perf_counter() - started, 2),
-                       peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                       wall_seconds=round(time.perf_counter() - started, 2), peak_rss_bytes=max(peak, result.peak_rss_floor))
         write_text_atomic(folder / PREDICTIONS_FILE,
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
         write_text_atomic(folder / RESULT_FILE, json.dumps(summary, indent=2) + "\n")

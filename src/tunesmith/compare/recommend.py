@@ -31,7 +31,9 @@ class Recommendation:
 
 
 def recommend(rows: list[RouteRow], metric: str, lower_is_better: bool, n_train: int, data_changes: str,
-              per_user_context: bool, has_documents: bool, level: float) -> Recommendation:
+              per_user_context: bool, has_documents: bool, level: float,
+              baseline: tuple[str, float] | None = None) -> Recommendation:
+    """`baseline`: (the most common answer, the accuracy of always giving it), for accuracy metrics."""
     scored = [r for r in rows if r.value is not None and r.low is not None]
     if not scored:
         return Recommendation(None, None, None, ["No route finished, so there is nothing to recommend."])
@@ -47,6 +49,16 @@ def recommend(rows: list[RouteRow], metric: str, lower_is_better: bool, n_train:
     else:
         lines.append(f"No cheaper route is statistically tied with it: every cheaper route's {level:.0%} interval "
                      f"lies {'above' if lower_is_better else 'below'} {best.label}'s.")
+
+    if baseline is not None and not lower_is_better:
+        answer, share = baseline
+        if best.low <= share:
+            where = "lies below" if best.high < share else "includes"
+            lines.append(f"Check: answering `{answer}` every time scores {share:.3f} on this test set; {best.label}'s "
+                         f"interval ({best.low:.3f}–{best.high:.3f}) {where} it, so no route has shown that it beats "
+                         "the most common answer.")
+        else:
+            lines.append(f"{best.label} beats answering `{answer}` every time ({share:.3f}) beyond its interval.")
 
     allowed, reasons = set(r.name for r in scored), []
     if n_train < MIN_FINE_TUNE_EXAMPLES:

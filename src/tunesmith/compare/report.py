@@ -25,8 +25,20 @@ def build(run: CompareRun) -> tuple[list[RouteRow], Recommendation]:
     rows = summarize(run.runs, metric, METRICS[task.type], run.prepared.labels, task.bootstrap_resamples,
                      task.confidence)
     advice = recommend(rows, metric, metric in LOWER_IS_BETTER, len(run.prepared.train), task.data_changes,
-                       task.per_user_context, bool(task.documents), task.confidence)
+                       task.per_user_context, bool(task.documents), task.confidence,
+                       majority(run) if metric in ("accuracy", "answer_accuracy") else None)
     return rows, advice
+
+
+def majority(run: CompareRun) -> tuple[str, float] | None:
+    """The most common answer of the test set and the accuracy of always giving it (the trivial baseline)."""
+    from collections import Counter
+
+    key = {"classification": "label", "qa_with_documents": "answer"}.get(run.task.type)
+    if key is None:
+        return None
+    answer, count = Counter(row[key] for row in run.prepared.test).most_common(1)[0]
+    return answer, count / len(run.prepared.test)
 
 
 def write(run: CompareRun) -> tuple[list[RouteRow], Recommendation, Path]:
@@ -96,6 +108,10 @@ def _setup(run: CompareRun) -> list[str]:
         f"in its own process; this invocation took {run.seconds / 60:.1f} min "
         f"({sum(r.status == 'ran' for r in run.runs)} route(s) ran, {sum(r.status == 'cached' for r in run.runs)} cached).",
     ]
+    trivial = majority(run)
+    if trivial is not None:
+        lines.append(f"Always answering the most common answer of the test set (`{trivial[0]}`) scores "
+                     f"{trivial[1]:.3f} accuracy.")
     if sizes["train"] < MIN_FINE_TUNE_EXAMPLES:
         lines.append(f"Fewer than {MIN_FINE_TUNE_EXAMPLES} training examples: see the checks below.")
     return lines
@@ -145,7 +161,8 @@ EXPLAIN = [
     "**ms/example**: wall time to answer the whole test set (prompt building and retrieval included, model loading "
     "not), divided by the number of test examples; batched as the route runs.",
     "**trainable params**: parameters the route trained (LoRA matrices, a classifier head, unfrozen layers).",
-    "**peak RAM GiB**: peak resident memory of the process that ran the route (one process per route).",
+    "**peak RAM GiB**: peak resident memory of the process that ran the route (one process per route); the hybrid "
+    "reports its adapter's training peak when that is higher.",
     "**artifact MiB**: what must be stored beyond the base model: adapter or model weights, a classifier head, "
     "the retrieval index, the few-shot pool.",
 ]

@@ -39,6 +39,7 @@ class RouteResult:
     trainable_parameters: int = 0
     artifact_bytes: int = 0
     details: dict = field(default_factory=dict)
+    peak_rss_floor: int = 0  # a peak measured in another process this route builds on (the hybrid's training)
 
 
 @dataclass
@@ -122,7 +123,7 @@ def hybrid(ctx: RouteContext) -> RouteResult:
     details = {"index": index, "adapter": f"lora_sft ({sft_folder.name})", "sft_train_seconds": sft["train_seconds"],
                **_recall(ctx, retriever, records)}
     return RouteResult(ctx.name, records, sft["train_seconds"] + index["seconds"], seconds, load,
-                       sft["trainable_parameters"], sft["artifact_bytes"] + index["bytes"], details)
+                       sft["trainable_parameters"], sft["artifact_bytes"] + index["bytes"], details, sft["peak_rss_bytes"])
 
 
 def _fine_tune(ctx: RouteContext, tuning: dict) -> RouteResult:
