@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.evaluate.plots import _save
+from tunesmith.evaluate.plots import save_figure
 
 
 def quality_cost_plot(path: str | Path, points: list[tuple[str, float, float, float, float]], xlabel: str, ylabel: str,
@@ -30,7 +30,7 @@ def quality_cost_plot(path: str | Path, points: list[tuple[str, float, float, fl
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def route_bars(path: str | Path, labels: list[str], panels: list[tuple[str, list[float], list[tuple[float, float]] | None]],
@@ -60,4 +60,4 @@ def route_bars(path: str | Path, labels: list[str], panels: list[tuple[str, list
     axes[0][0].invert_yaxis()
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -32,7 +32,7 @@ def loss_plot(path: str | Path, train: list[tuple[int, float]], evals: list[tupl
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def smooth(values: list[float], window: int = 0) -> list[float]:
@@ -68,7 +68,7 @@ def confusion_plot(path: str | Path, matrix: list[list[int]], names: list[str], 
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def margin_histogram(path: str | Path, margins: dict[str, list[float]], title: str,
@@ -94,7 +94,7 @@ def margin_histogram(path: str | Path, margins: dict[str, list[float]], title: s
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def rl_plot(path: str | Path, records: list[dict], title: str) -> Path:
@@ -124,10 +124,11 @@ def rl_plot(path: str | Path, records: list[dict], title: str) -> Path:
     axes[-1].set_xlabel("RL step")
     axes[0].set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure as a PNG atomically (temp file, then rename) and close it."""
     import matplotlib.pyplot as plt
 
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
