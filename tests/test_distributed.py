@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from conftest import chat_rows, run_cli, write_jsonl, write_recipe
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from pathlib import Path
 
 from tunesmith.config import Chain, ChainStep
 from tunesmith.errors import TunesmithError

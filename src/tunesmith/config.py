@@ -283,18 +283,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict |
     lines: dict[tuple[str, ...], int] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise TunesmithError(f"{path}: recipe not found; give the path of a YAML recipe (see examples/)")
-        text = path.read_text(encoding="utf-8")
-        try:
-            raw = yaml.safe_load(text) or {}
-            lines = _key_lines(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark else None
-            raise TunesmithError(f"{where(path, line)}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(raw, dict):
-            raise TunesmithError(f"{path}: a recipe is a YAML mapping with keys like model, stage, data, training")
+        raw, lines = read_yaml_mapping(path, "recipe", "see examples/", "model, stage, data, training")
         _resolve_data_paths(raw, path.parent)
     else:
         raw = dict(base or {})
@@ -348,9 +337,7 @@ def load_chain(path: str | Path, overrides: list[str] = ()) -> Chain:
     reward. Overrides `stages.N.key=value` change one stage, `output_dir=` the chain's folder; any other
     override applies to every stage."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    raw = yaml.safe_load(text) or {}
-    lines = _key_lines(text)
+    raw, lines = read_yaml_mapping(path, "chained recipe", "see examples/chain_rlhf.yaml", "model, output_dir, stages")
     own = [o for o in overrides if o.partition("=")[0].strip().split(".")[0] in ("stages", "output_dir")]
     every = [o for o in overrides if o not in own]
     for item in own:
@@ -458,6 +445,23 @@ def _explain_step(exc: ValidationError, path: Path, lines: dict, index: int) -> 
         message = _explain_one(first, path, lines, set()).replace(f": {'.'.join(loc)}:", f": stages.{index}: {'.'.join(loc)}:", 1)
     extra = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return message + extra
+
+
+def read_yaml_mapping(path: Path, what: str, where_to_look: str, keys: str) -> tuple[dict, dict[tuple[str, ...], int]]:
+    """A YAML file that must hold a mapping, and the line of each key; every problem is one line naming the file."""
+    if not path.is_file():
+        raise TunesmithError(f"{path}: {what} not found; give the path of a YAML {what} ({where_to_look})")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) or {}
+        lines = _key_lines(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise TunesmithError(f"{where(path, mark.line + 1 if mark else None)}: not valid YAML "
+                             f"({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise TunesmithError(f"{path}: a {what} is a YAML mapping with keys like {keys}")
+    return raw, lines
 
 
 def _apply_override(raw: dict, item: str) -> tuple[str, ...]:

@@ -11,10 +11,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunesmith.config import ModelConfig, _key_lines
+from tunesmith.config import ModelConfig, read_yaml_mapping
 from tunesmith.errors import TunesmithError, where
 
 TaskType = Literal["classification", "instruction", "qa_with_documents"]
@@ -273,18 +272,7 @@ PATH_FIELDS = ("train", "validation", "test", "labels_file", "queries", "answers
 def load_task(path: str | Path) -> Task:
     """Read and validate a task file; resolve its paths against the file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise TunesmithError(f"{path}: task file not found; give the path of a YAML task file (see examples/compare/)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text) or {}
-        lines = _key_lines(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise TunesmithError(f"{where(path, mark.line + 1 if mark else None)}: not valid YAML "
-                             f"({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(raw, dict):
-        raise TunesmithError(f"{path}: a task file is a YAML mapping with keys like model, type, data, routes")
+    raw, lines = read_yaml_mapping(path, "task file", "see examples/compare/", "model, type, data, routes")
     try:
         task = Task.model_validate(raw)
     except ValidationError as exc:
