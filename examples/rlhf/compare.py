@@ -84,14 +84,10 @@ def main() -> None:
                                        args.batch_size, progress)
         judge = load_reward_model(args.runs / "reward", batch_size=16)
         scores = {}
-        for name, replies in answers.items():
-            task = progress.add_task(f"scoring {name}", total=len(prompts))
-            scores[name] = []
-            for start in range(0, len(prompts), 32):
-                chats = [p + [{"role": "assistant", "content": a}]
-                         for p, a in zip(prompts[start : start + 32], replies[start : start + 32])]
-                scores[name] += judge.score(chats)
-                progress.update(task, completed=len(scores[name]))
+        task = progress.add_task("scoring with the reward model", total=len(answers))
+        for name, replies in answers.items():  # all of a model's answers at once: batched by length, little padding
+            scores[name] = judge.score([p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, replies)])
+            progress.advance(task)
 
     def mean(xs):
         return sum(xs) / len(xs)
