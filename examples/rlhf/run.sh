@@ -4,9 +4,14 @@
 # Each step resumes if it was interrupted (rerun the script); outputs go to runs/rlhf/.
 set -euo pipefail
 TS=${TUNESMITH:-.venv/bin/tunesmith}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # measured with one thread per process on a shared 2-core machine
 for step in sft reward rl dpo; do
   if [ -f "runs/rlhf/$step/summary.json" ]; then echo "== $step: done already"; continue; fi
   flag=""; [ -f "runs/rlhf/$step/recipe.yaml" ] && flag="--resume"
-  echo "== $step"; /usr/bin/time -f "$step took %e s, peak RSS %M KiB" $TS train "examples/rlhf/$step.yaml" $flag
+  echo "== $step"; start=$SECONDS
+  $TS train "examples/rlhf/$step.yaml" $flag
+  echo "$step took $((SECONDS - start)) s"
 done
-/usr/bin/time -f "compare took %e s" .venv/bin/python examples/rlhf/compare.py
+start=$SECONDS
+.venv/bin/python examples/rlhf/compare.py
+echo "compare took $((SECONDS - start)) s"
