@@ -313,7 +313,7 @@ class Loop:
                       "tokens_per_s": round((self.tokens - start_tokens) / elapsed, 2)}
             if grad_norm is not None:
                 record["grad_norm"] = round(float(distributed.full_tensor(grad_norm)), 6)
-            record.update(self.objective.step_metrics() if hasattr(self.objective, "step_metrics") else {})
+            record.update(self.objective.step_metrics())
             self.log(record)
             result.train_losses.append((self.step, step_loss))
             if training.eval_every and self.step % training.eval_every == 0 and self.step < self.plan.total_steps:
@@ -357,10 +357,13 @@ class Loop:
 
         from tunesmith import distributed
 
-        weights, optimizer = self.trainable_state(), self.optimizer_state()  # gathered on every rank when sharded
-        if self.rank != 0:
+        if self.sharded:  # gathering shards is a collective: every rank takes part
+            weights, optimizer = self.trainable_state(), self.optimizer_state()
+        if self.rank != 0:  # the other ranks hold the same (or gathered) state: rank 0 alone writes it
             distributed.barrier()
             return None
+        if not self.sharded:
+            weights, optimizer = self.trainable_state(), self.optimizer_state()
         folder = self.out_dir / CHECKPOINTS / f"step-{self.step:07d}"
         with building_dir(folder) as tmp:
             save_file(weights, tmp / "trainable.safetensors")
