@@ -64,9 +64,7 @@ def add_reference_adapter(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, param in params.items():
             if f".{active}." in name:
-                twin = params[name.replace(f".{active}.", f".{REFERENCE}.")]
-                twin.copy_(param)
-                twin.requires_grad_(False)
+                params[name.replace(f".{active}.", f".{REFERENCE}.")].copy_(param)
     model.set_adapter(active)  # add_adapter may leave the new one trainable; only the policy's adapter trains
     for name, param in params.items():
         if f".{REFERENCE}." in name:

@@ -235,7 +235,7 @@ class RlObjective:
     # -- held-out evaluation --
     def evaluate(self, model, rows: list[Prompt], batch_size: int, device, autocast_bf16, max_batches) -> float:
         """Mean reward of greedy replies to the held-out prompts."""
-        replies, texts = self.answer(rows, batch_size)
+        _, texts = self.answer(rows, batch_size)
         return sum(self.rewarder([p.messages for p in rows], texts)) / max(len(rows), 1)
 
     def answer(self, rows: list[Prompt], batch_size: int) -> tuple[list[list[int]], list[str]]:
