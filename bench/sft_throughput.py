@@ -3,14 +3,17 @@
     .venv/bin/python bench/sft_throughput.py                 # LoRA, 10 TRL steps (about 6 minutes on 2 cores)
     .venv/bin/python bench/sft_throughput.py --method full   # full fine-tuning
     .venv/bin/python bench/sft_throughput.py --steps 4 --model tiny   # smoke run
+    .venv/bin/python bench/sft_throughput.py --trl-packed    # also TRL with packing (slower for it here)
 
 Each contender runs in its own fresh process, so its peak RSS is its own. Both train on
 the same Alpaca rows (../shared/data/alpaca_5k when present, else the shipped sample)
 rendered with the model's chat template, loss on the response only, max_length 512,
 4 examples per optimizer step, fp32, AdamW, constant LR. TRL gets its best CPU setting
 (bf16=False, gradient_checkpointing=False, unpacked). tunesmith runs unpacked (the same
-batches of 4 examples) and packed (4 rows of up to 512 tokens, attention kept inside each
-sample) over about the same number of tokens. Timing skips the first optimizer step (warm-up).
+batches of 4 examples), packed (rows of up to 512 tokens holding as many tokens as TRL's
+steps, attention kept inside each sample) and packed with `training.compile` over about the same
+number of tokens. Timing skips the first optimizer step (warm-up; the compiler runs in it, and
+its time is shown apart).
 
 Model-FLOPs utilisation = useful FLOPs / time / measured GEMM peak. Useful FLOPs per
 token: forward 2N over the transformer's matmul weights, backward 2N (LoRA: activation
@@ -81,7 +84,7 @@ def run_trl(args) -> dict:
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
         max_steps=args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, max_length=MAX_LENGTH,
-        packing=False, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
+        packing=args.packing, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
         seed=0, weight_decay=0.0, max_grad_norm=1.0,
     )
     peft_config = None
@@ -97,7 +100,10 @@ def run_trl(args) -> dict:
 
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[Clock()])
+    start = time.perf_counter()
     trainer.train()
+    for record in log:
+        record["time"] -= start
     return summarise(log, model_config=model.config, targets_share=_target_share(trainer))
 
 
@@ -127,7 +133,8 @@ def run_tunesmith(args) -> dict:
         "data": {"train": [str(data)], "format": "alpaca", "validation_fraction": 0.0},
         "tuning": tuning,
         "training": {"max_steps": args.steps, "learning_rate": LR, "lr_schedule": "constant", "micro_batch_size": args.batch,
-                     "max_length": MAX_LENGTH, "packing": args.packing, "seed": 0, "eval_max_batches": 1},
+                     "max_length": MAX_LENGTH, "packing": args.packing, "seed": 0, "eval_max_batches": 1,
+                     "compile": args.compile},
         "output_dir": str(out),
     })
     sft.run(recipe, Console(file=io.StringIO()), preview_tokens=0)
@@ -147,7 +154,7 @@ def summarise(log: list[dict], model_config, targets_share: float) -> dict:
     tokens = last["tokens"] - first["tokens"]
     seconds = last["time"] - first["time"]
     return {"tokens_per_s": tokens / seconds, "tokens": last["tokens"], "timed_tokens": tokens, "seconds": seconds,
-            "steps": len(log), "peak_rss_gib": peak_rss_gib(), "losses": [(r["tokens"], r["loss"]) for r in log],
+            "steps": len(log), "first_step_s": first["time"], "peak_rss_gib": peak_rss_gib(), "losses": [(r["tokens"], r["loss"]) for r in log],
             "target_share": targets_share, "n_layers": model_config.num_hidden_layers,
             "hidden": model_config.hidden_size, "vocab": model_config.vocab_size,
             "matmul_params": _matmul_params(model_config)}
@@ -176,8 +183,7 @@ def spawn(kind: str, args, **extra) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--result", result_path, "--method", args.method,
            "--steps", str(extra.get("steps", args.steps)), "--model", args.model, "--data", args.data,
            "--rows", str(args.rows), "--batch", str(extra.get("batch", BATCH))]
-    if extra.get("packing"):
-        cmd.append("--packing")
+    cmd += [flag for flag in ("--packing", "--compile") if extra.get(flag[2:])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
@@ -194,6 +200,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400)
     parser.add_argument("--worker", choices=["trl", "tunesmith"])
     parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--trl-packed", action="store_true", help="also run TRL with packing=True")
     parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
     parser.add_argument("--result")
     parser.add_argument("--plot", default=str(REPO / "bench" / "results" / "sft_throughput.png"))
@@ -212,20 +220,24 @@ def main() -> None:
     results = {"TRL SFTTrainer (unpacked)": spawn("trl", args)}
     trl = results["TRL SFTTrainer (unpacked)"]
     print(f"  TRL: {trl['tokens']:,} tokens in {trl['steps']} steps", flush=True)
+    if args.trl_packed:
+        results["TRL SFTTrainer (packed)"] = spawn("trl", args, packing=True)
     results["tunesmith (unpacked)"] = spawn("tunesmith", args)
     # Packed: as many 512-token rows per step as TRL's 4 examples hold tokens (the same effective batch in
     # tokens), for as many steps as TRL ran, so both train on about the same number of tokens.
     rows_per_step = max(1, round(trl["tokens"] / trl["steps"] / (MAX_LENGTH * 0.95)))
     results["tunesmith (packed)"] = spawn("tunesmith", args, packing=True, batch=rows_per_step)
+    results["tunesmith (packed, compiled)"] = spawn("tunesmith", args, packing=True, compile=True, batch=rows_per_step)
 
     avg_context = trl["tokens"] / (trl["steps"] * BATCH)
-    header = f"{'contender':<28}{'tokens/s':>10}{'x TRL':>8}{'peak RSS GiB':>14}{'x TRL':>8}{'MFU':>7}{'tokens':>9}{'last loss':>11}"
+    header = (f"{'contender':<31}{'tokens/s':>10}{'x TRL':>8}{'peak RSS GiB':>14}{'x TRL':>8}{'MFU':>7}"
+              f"{'1st step s':>12}{'tokens':>9}{'last loss':>11}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
         util = mfu(r, args.method, peak, avg_context)
-        print(f"{name:<28}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / trl['tokens_per_s']:>8.2f}"
+        print(f"{name:<31}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / trl['tokens_per_s']:>8.2f}"
               f"{r['peak_rss_gib']:>14.2f}{r['peak_rss_gib'] / trl['peak_rss_gib']:>8.2f}{100 * util:>6.0f}%"
-              f"{r['tokens']:>9,}{r['losses'][-1][1]:>11.3f}")
+              f"{r['first_step_s']:>12.1f}{r['tokens']:>9,}{r['losses'][-1][1]:>11.3f}")
     _plot(results, Path(args.plot), args.method)
     print(f"\nloss curves: {args.plot}")
 

@@ -263,7 +263,10 @@ def load_model(folder: str | Path, config: ModelConfig | None = None, runtime: R
 
     config = config or ModelConfig()
     runtime = runtime or pick_runtime(config)
-    kwargs: dict = {"dtype": torch.float32, "attn_implementation": "sdpa"}
+    from tunesmith.kernels import attention
+
+    # SDPA, plus varlen attention for forwards over packed rows (kernels/attention.py).
+    kwargs: dict = {"dtype": torch.float32, "attn_implementation": attention.register()}
     if scalar_head:
         kwargs["num_labels"] = 1
     if config.quantization == "4bit":

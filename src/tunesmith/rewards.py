@@ -25,9 +25,12 @@ if TYPE_CHECKING:
 
 def last_token_scores(model: "torch.nn.Module", batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
     """Score of each sequence at its last real token; `batch["ends"]` holds its (row, column)."""
+    from tunesmith.kernels.attention import packed_kwargs
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    hidden = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                      **packed_kwargs(inner, batch["position_ids"])).last_hidden_state
     ends = batch["ends"]
     return inner.score(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1).float()
 

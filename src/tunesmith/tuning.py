@@ -66,7 +66,7 @@ def _freeze(model: "torch.nn.Module", tuning: TuningConfig) -> None:
             )
         keep = {n for hits in matched.values() for n in hits}
     else:
-        prefix, layers = _layer_list(model)
+        prefix, layers = layer_list(model)
         first_trained = tuning.freeze_layers or len(layers) - tuning.top_layers
         field = "freeze_layers" if tuning.freeze_layers else "top_layers"
         if not 0 <= first_trained <= len(layers):
@@ -92,7 +92,7 @@ def _matches(name: str, pattern: str) -> bool:
     return f".{name}.".find(f".{pattern.strip('.')}.") >= 0
 
 
-def _layer_list(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
+def layer_list(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
     """The longest ModuleList is the stack of transformer blocks, whatever the architecture calls it."""
     import torch
 

@@ -24,6 +24,8 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.plots import loss_plot
 from tunesmith.files import building_dir, write_text_atomic
 from tunesmith.models import Runtime, load_model, load_tokenizer, pick_runtime, resolve_base
+from tunesmith.kernels.compile import compile_blocks
+from tunesmith.kernels.dropout import fuse_lora_dropout
 from tunesmith.tuning import TrainableReport, apply_tuning, count_parameters
 
 STAGE_FORMATS = {"pretrain": ("text",), "sft": ("alpaca", "messages")}
@@ -163,6 +165,9 @@ def build_model(recipe: Recipe, base: Base, model: Any = None, task_type: str = 
         model = PeftModel.from_pretrained(model, recipe.tuning.init_adapter, is_trainable=True)
     else:
         model = apply_tuning(model, recipe.tuning, task_type)
+    fuse_lora_dropout(model)
+    if recipe.training.compile:
+        compile_blocks(model)
     return model, count_parameters(model)
 
 

@@ -30,6 +30,7 @@ from tunesmith.config import TrainingConfig
 from tunesmith.data.render import IGNORE, PackedRow, collate, count_targets
 from tunesmith.errors import TunesmithError
 from tunesmith.files import building_dir, write_text_atomic
+from tunesmith.kernels.attention import packed_kwargs
 
 CHECKPOINTS = "checkpoints"
 # Architectures whose logits are exactly lm_head(last hidden state): for them the loss
@@ -88,11 +89,13 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "model_type", None) in PLAIN_HEAD_TYPES:
         hidden = base.get_decoder()(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+            **packed_kwargs(base, batch["position_ids"]),
         ).last_hidden_state[:, :-1]
         keep = labels != IGNORE
         return chunked_cross_entropy(base.get_output_embeddings(), hidden[keep], labels[keep])
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                   **packed_kwargs(base, batch["position_ids"])).logits
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
 

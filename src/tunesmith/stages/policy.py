@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from tunesmith.data.render import IGNORE
+from tunesmith.kernels.attention import packed_kwargs
 from tunesmith.stages.loop import PLAIN_HEAD_TYPES
 
 REFERENCE = "reference"  # the frozen adapter's name
@@ -29,12 +30,12 @@ def reply_token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     keep = labels != IGNORE
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "model_type", None) in PLAIN_HEAD_TYPES:
-        hidden = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                    use_cache=False).last_hidden_state[:, :-1]
+        hidden = base.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                                    **packed_kwargs(base, batch["position_ids"])).last_hidden_state[:, :-1]
         logits = base.get_output_embeddings()(hidden[keep])
     else:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       use_cache=False).logits[:, :-1][keep]
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       **packed_kwargs(base, batch["position_ids"])).logits[:, :-1][keep]
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
