@@ -100,25 +100,56 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
                            ignore_index=IGNORE, reduction="sum")
 
 
-LOSS_CHUNK = 1024  # target tokens whose vocabulary logits exist at once (49k-vocab fp32: 200 MB per 1024)
+LOSS_CHUNK = 256  # target tokens whose vocabulary logits exist at once (49k-vocab fp32: 50 MB per 256)
 
 
 def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                           chunk: int = LOSS_CHUNK) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `targets`, never holding more than `chunk` rows of logits.
 
-    Each chunk's logits are dropped after its loss is taken and rebuilt in the backward pass
-    (activation checkpointing of the head alone): a batch's full fp32 vocabulary logits, and their
-    gradient, would otherwise be the largest tensors of a small model's step."""
-    if hidden.shape[0] <= chunk:
+    A batch's fp32 vocabulary logits, their log-softmax and their gradient are the largest tensors
+    of a small model's step (three copies of 200 MB per 1,000 targets for a 49k vocabulary). Here
+    each chunk's logits are built, turned into the loss and, while they exist, into the gradients
+    of the hidden states and of the head (softmax minus one-hot, times the weight), then dropped:
+    the backward pass only scales those gradients. Same FLOPs as the plain loss, no recompute,
+    peak memory one chunk of logits (the fused linear cross-entropy of Liger-Kernel and others)."""
+    weight = head.weight
+    if getattr(head, "bias", None) is not None:
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-    from torch.utils.checkpoint import checkpoint
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
-    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(h).float(), y, reduction="sum")
 
-    return sum(checkpoint(piece, hidden[i : i + chunk], targets[i : i + chunk], use_reentrant=False)
-               for i in range(0, hidden.shape[0], chunk))
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        want_hidden, want_weight = hidden.requires_grad, weight.requires_grad  # (forward runs without grad mode)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, hidden.shape[0], chunk):
+            h, y = hidden[i : i + chunk], targets[i : i + chunk]
+            logits = F.linear(h, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(y.shape[0], device=y.device)
+            total += (lse - logits[rows, y]).sum()
+            if want_hidden or want_weight:
+                logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                logits[rows, y] -= 1.0  # d loss / d logits
+                grad_logits = logits.to(weight.dtype)
+                if want_hidden:
+                    grad_hidden[i : i + chunk] = grad_logits @ weight
+                if want_weight:
+                    grad_weight.addmm_(grad_logits.t().float(), h.float())
+            del logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None, None, None)
 
 
 @torch.no_grad()
@@ -216,6 +247,9 @@ class Loop:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": training.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=training.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+            # One fused kernel per step instead of ~10 passes over the states: 3.3x faster on CPU (a quarter
+            # of a full fine-tuning step of SmolLM2 was the optimizer). FSDP's sharded parameters keep foreach.
+            fused=not self.sharded and all(p.device.type in ("cpu", "cuda") for p in self.params) or None,
         )
         from transformers import get_scheduler
 
