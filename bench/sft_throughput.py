@@ -57,9 +57,27 @@ def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def read_rows(path: Path, n: int) -> list[dict]:
+def read_rows(path: Path, n: int, skip: int = 0) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows[:n]
+    return rows[skip : skip + n]
+
+
+HELD_OUT = 48  # rows after the training rows: every contender's model is scored on them by the same code
+
+
+def heldout_loss(model, tokenizer, args) -> float:
+    """Mean cross-entropy per response token on the held-out rows, computed the same way for every contender."""
+    import torch
+
+    from tunesmith.data.formats import load_examples
+    from tunesmith.data.render import as_rows, render
+    from tunesmith.stages.loop import evaluate_loss
+
+    path = Path(tempfile.mkdtemp()) / "held.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in read_rows(Path(args.data), HELD_OUT, skip=args.rows)))
+    rows = as_rows([render(tokenizer, e) for e in load_examples([str(path)], "alpaca").examples])
+    rows = [r for r in rows if len(r.input_ids) <= MAX_LENGTH]
+    return evaluate_loss(model, rows, 4, tokenizer.pad_token_id, torch.device("cpu"))
 
 
 # --- contenders (each runs in its own process) ------------------------------------------------
@@ -104,7 +122,8 @@ def run_trl(args) -> dict:
     trainer.train()
     for record in log:
         record["time"] -= start
-    return summarise(log, model_config=model.config, targets_share=_target_share(trainer))
+    result = summarise(log, model_config=model.config, targets_share=_target_share(trainer))
+    return {**result, "heldout_loss": heldout_loss(trainer.model, tokenizer, args)}
 
 
 def _target_share(trainer) -> float:
@@ -146,14 +165,18 @@ def run_tunesmith(args) -> dict:
     from tunesmith.models import resolve_base
 
     share = sum(r["targets"] for r in log) / max(1, log[-1]["tokens"])
-    return summarise(log, model_config=AutoConfig.from_pretrained(resolve_base(args.model)), targets_share=share)
+    result = summarise(log, model_config=AutoConfig.from_pretrained(resolve_base(args.model)), targets_share=share)
+    from tunesmith.adapters import load_trained
+
+    model, tokenizer = load_trained(out, device="cpu")
+    return {**result, "heldout_loss": heldout_loss(model, tokenizer, args)}
 
 
 def summarise(log: list[dict], model_config, targets_share: float) -> dict:
     first, last = log[0], log[-1]
     tokens = last["tokens"] - first["tokens"]
     seconds = last["time"] - first["time"]
-    return {"tokens_per_s": tokens / seconds, "tokens": last["tokens"], "timed_tokens": tokens, "seconds": seconds,
+    return {"tokens_per_s": tokens / seconds, "tokens": int(last["tokens"]), "timed_tokens": tokens, "seconds": seconds,
             "steps": len(log), "first_step_s": first["time"], "peak_rss_gib": peak_rss_gib(), "losses": [(r["tokens"], r["loss"]) for r in log],
             "target_share": targets_share, "n_layers": model_config.num_hidden_layers,
             "hidden": model_config.hidden_size, "vocab": model_config.vocab_size,
@@ -231,13 +254,13 @@ def main() -> None:
 
     avg_context = trl["tokens"] / (trl["steps"] * BATCH)
     header = (f"{'contender':<31}{'tokens/s':>10}{'x TRL':>8}{'peak RSS GiB':>14}{'x TRL':>8}{'MFU':>7}"
-              f"{'1st step s':>12}{'tokens':>9}{'last loss':>11}")
+              f"{'1st step s':>12}{'tokens':>9}{'held-out loss':>15}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
         util = mfu(r, args.method, peak, avg_context)
         print(f"{name:<31}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / trl['tokens_per_s']:>8.2f}"
               f"{r['peak_rss_gib']:>14.2f}{r['peak_rss_gib'] / trl['peak_rss_gib']:>8.2f}{100 * util:>6.0f}%"
-              f"{r['first_step_s']:>12.1f}{r['tokens']:>9,}{r['losses'][-1][1]:>11.3f}")
+              f"{r['first_step_s']:>12.1f}{r['tokens']:>9,}{r['heldout_loss']:>15.4f}")
     _plot(results, Path(args.plot), args.method)
     print(f"\nloss curves: {args.plot}")
 

@@ -106,3 +106,60 @@ def test_fsdp_is_for_full_fine_tuning(tmp_path, capsys):
     write_jsonl(tmp_path / "train.jsonl", chat_rows())
     code, _, err = run_cli("train", str(write_recipe(tmp_path)), "training.parallel=fsdp", capsys=capsys)
     assert code == 2 and "training.parallel fsdp shards a fully trained model" in err
+
+
+def test_deepspeed_zero_matches_one_process_and_resumes(tmp_path):
+    """ZeRO stage 2 (LoRA) and stage 1 (full fine-tuning) on 2 CPU processes over gloo: the weights of one
+    process with the same global batch, and an exact resume from DeepSpeed's own checkpoint."""
+    import pytest
+
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    training = {"max_steps": 4, "learning_rate": 1e-3, "micro_batch_size": 4, "gradient_accumulation": 2,
+                "max_length": 64, "lr_schedule": "constant", "seed": 0, "save_every": 2}
+    lora = write_recipe(tmp_path, training=training)
+    assert tunesmith("train", str(lora), f"output_dir={tmp_path / 'one'}").returncode == 0
+    ds = ["training.micro_batch_size=2", "training.parallel=deepspeed", "--nproc", "2"]
+    two = tunesmith("train", str(lora), f"output_dir={tmp_path / 'two'}", *ds)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert [round(loss, 4) for _, loss, _ in losses(tmp_path / "one")] == \
+        [round(loss, 4) for _, loss, _ in losses(tmp_path / "two")]
+    assert (tmp_path / "two" / "checkpoints" / "step-0000004" / "deepspeed" / "state").is_dir()
+    part = tunesmith("train", str(lora), f"output_dir={tmp_path / 'part'}", "training.max_steps=2", *ds)
+    assert part.returncode == 0, part.stderr[-3000:]
+    resumed = tunesmith("train", str(lora), f"output_dir={tmp_path / 'part'}", *ds, "--resume")
+    assert resumed.returncode == 0 and "resumed from step 2 of 4" in resumed.stdout, resumed.stderr[-3000:]
+    c = weights(tmp_path / "part")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+    (tmp_path / "zero1.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    full = write_recipe(tmp_path, tuning={"method": "full"}, training={**training, "save_every": None})
+    assert tunesmith("train", str(full), f"output_dir={tmp_path / 'full1'}").returncode == 0
+    zero1 = tunesmith("train", str(full), f"output_dir={tmp_path / 'full2'}", *ds,
+                      f"training.deepspeed={tmp_path / 'zero1.json'}")
+    assert zero1.returncode == 0, zero1.stderr[-3000:]
+    a, b = load_file(tmp_path / "full1" / "model.safetensors"), load_file(tmp_path / "full2" / "model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_deepspeed_config_problems_are_one_line_errors(tmp_path, capsys):
+    write_jsonl(tmp_path / "train.jsonl", chat_rows())
+    recipe = str(write_recipe(tmp_path))
+    cases = {"missing.json": None, "bad.json": "{not json", "list.json": "[1]",
+             "owned.json": json.dumps({"optimizer": {"type": "Adam"}}),
+             "stage3.json": json.dumps({"zero_optimization": {"stage": 3}})}
+    expected = {"missing.json": "does not exist", "bad.json": "is not valid JSON (line 1)",
+                "list.json": "must hold a JSON object", "owned.json": 'remove "optimizer"',
+                "stage3.json": "ZeRO stage 3 is not supported"}
+    for name, text in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        code, _, err = run_cli("train", recipe, "training.parallel=deepspeed", f"training.deepspeed={tmp_path / name}",
+                               capsys=capsys)
+        assert code == 2 and expected[name] in err and "Traceback" not in err, (name, err)
+    code, _, err = run_cli("train", recipe, f"training.deepspeed={tmp_path / 'stage3.json'}", capsys=capsys)
+    assert code == 2 and "set training.parallel deepspeed" in err

@@ -116,9 +116,13 @@ class TrainingConfig(_Strict):
     save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps")
     keep_checkpoints: int = Field(2, gt=0)
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
-    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="with --nproc: ddp keeps a whole model on every process; "
-                                             "fsdp shards weights, gradients and optimizer state across them (full "
-                                             "fine-tuning of a model too big for one device)")
+    parallel: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="with --nproc: ddp keeps a whole model on every process; fsdp shards weights, gradients "
+        "and optimizer state across them (full fine-tuning of a model too big for one device); deepspeed hands "
+        "gradient sync and the optimizer step to DeepSpeed ZeRO (stage 1 or 2; pip install deepspeed)")
+    deepspeed: str | None = Field(None, description="parallel deepspeed: a DeepSpeed JSON config whose ZeRO, offload and "
+                                  "communication settings pass through (batch sizes, clipping, optimizer and schedule "
+                                  "come from this recipe); default: ZeRO stage 2")
     activation_checkpointing: bool = Field(False, description="recompute each block's activations in the backward pass "
                                            "instead of keeping them: less memory, ~30% more compute")
     compile: bool = Field(False, description="torch.compile each transformer block (compiled once, reused by every "
@@ -262,8 +266,15 @@ class Recipe(_Strict):
         if self.training.compile and self.stage in ("rl", "classify"):
             raise ValueError(f"training.compile applies to pretrain, sft, reward and dpo; stage {self.stage} spends its "
                              "time in generation or cached embeddings, where recompiling per length would not pay")
-        if self.training.compile and self.training.parallel == "fsdp":
-            raise ValueError("training.compile is not combined with parallel fsdp yet; use parallel ddp or compile false")
+        if self.training.compile and self.training.parallel != "ddp":
+            raise ValueError(f"training.compile is not combined with parallel {self.training.parallel} yet; use parallel "
+                             "ddp or compile false")
+        if self.training.deepspeed and self.training.parallel != "deepspeed":
+            raise ValueError("training.deepspeed names a DeepSpeed config; set training.parallel deepspeed to use it")
+        if self.training.parallel == "deepspeed":
+            from tunesmith.distributed import deepspeed_config
+
+            deepspeed_config(self.training)  # the file is read and checked before anything runs
         if self.stage == "rl" and self.rl is None:
             raise ValueError("stage rl needs an rl section naming reward_model or reward_function")
         if self.stage != "rl" and self.rl is not None:

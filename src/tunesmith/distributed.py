@@ -134,6 +134,59 @@ def shard(root: Any, model: Any) -> Any:
     return root
 
 
+# Keys of a DeepSpeed config that the recipe owns: DeepSpeed must not re-batch, re-clip or re-schedule the run.
+_RECIPE_OWNED = {"train_batch_size": None, "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+                 "gradient_accumulation_steps": "training.gradient_accumulation",
+                 "gradient_clipping": "training.max_grad_norm", "optimizer": "training (AdamW, learning_rate)",
+                 "scheduler": "training.lr_schedule"}
+
+
+def deepspeed_config(training: Any) -> dict:
+    """The DeepSpeed config for this run: the user's file (ZeRO stage 1-2, offload, communication settings)
+    with the batch, clipping and accumulation the recipe defines. Problems are one-line errors naming the file."""
+    import json
+
+    user: dict = {"zero_optimization": {"stage": 2}}
+    if training.deepspeed:
+        path = Path(training.deepspeed)
+        if not path.is_file():
+            raise ValueError(f"training.deepspeed: {path} does not exist; give a DeepSpeed JSON config file")
+        try:
+            user = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"training.deepspeed: {path} is not valid JSON (line {getattr(exc, 'lineno', '?')}); "
+                             "fix the file") from None
+        if not isinstance(user, dict):
+            raise ValueError(f"training.deepspeed: {path} must hold a JSON object")
+        for key, owner in _RECIPE_OWNED.items():
+            if key in user and user[key] != "auto":
+                raise ValueError(f"training.deepspeed: {path}: remove \"{key}\" (or set it to \"auto\"); "
+                                 f"tunesmith sets it from {owner or 'the recipe'}")
+    stage = (user.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"training.deepspeed: ZeRO stage {stage} is not supported; stage 3 shards the weights, which "
+                         "tunesmith does with training.parallel fsdp (use that), or use stage 1 or 2")
+    config = {k: v for k, v in user.items() if k not in _RECIPE_OWNED}
+    config.update(train_micro_batch_size_per_gpu=training.micro_batch_size,
+                  gradient_accumulation_steps=training.gradient_accumulation,
+                  gradient_clipping=training.max_grad_norm or 0.0, steps_per_print=2**62,
+                  # the loop gives each micro-batch's loss already normalised by the step's target tokens
+                  wall_clock_breakdown=False)
+    return config
+
+
+def deepspeed_engine(module: Any, optimizer: Any, schedule: Callable[[Any], Any], training: Any) -> Any:
+    """A DeepSpeed engine over `module` with tunesmith's optimizer and `schedule(optimizer)` (DeepSpeed steps both)."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise TunesmithError("training.parallel deepspeed: DeepSpeed is not installed; run `pip install deepspeed` "
+                             "(or use parallel ddp or fsdp)") from None
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(training), dist_init_required=False)
+    return engine
+
+
 def full_tensor(tensor: Any) -> Any:
     """The whole tensor from a sharded one (a collective: every rank must call it); plain tensors pass through."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
