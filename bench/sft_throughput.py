@@ -1,15 +1,16 @@
 """SFT throughput: tunesmith's loop vs a plain TRL SFTTrainer script, same model, data, max_length, batch, in one run.
 
-    .venv/bin/python bench/sft_throughput.py                 # LoRA, 10 TRL steps (about 6 minutes on 2 cores)
+    .venv/bin/python bench/sft_throughput.py                 # LoRA, 10 TRL steps (about 9 minutes on 2 cores)
     .venv/bin/python bench/sft_throughput.py --method full   # full fine-tuning
     .venv/bin/python bench/sft_throughput.py --steps 4 --model tiny   # smoke run
-    .venv/bin/python bench/sft_throughput.py --trl-packed    # also TRL with packing (slower for it here)
+    .venv/bin/python bench/sft_throughput.py --no-trl-packed # skip TRL's packed run (it needs ~10 GiB)
 
 Each contender runs in its own fresh process, so its peak RSS is its own. Both train on
 the same Alpaca rows (../shared/data/alpaca_5k when present, else the shipped sample)
 rendered with the model's chat template, loss on the response only, max_length 512,
 4 examples per optimizer step, fp32, AdamW, constant LR. TRL gets its best CPU setting
-(bf16=False, gradient_checkpointing=False, unpacked). tunesmith runs unpacked (the same
+(bf16=False, gradient_checkpointing=False), unpacked and packed at the same tokens per step; the
+ratios are taken against its fastest run for speed and its leanest for memory. tunesmith runs unpacked (the same
 batches of 4 examples), packed (rows of up to 512 tokens holding as many tokens as TRL's
 steps, attention kept inside each sample) and packed with `training.compile` over about the same
 number of tokens. Timing skips the first optimizer step (warm-up; the compiler runs in it, and
@@ -99,7 +100,7 @@ def run_trl(args) -> dict:
                                   "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     config = SFTConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         max_steps=args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, max_length=MAX_LENGTH,
         packing=args.packing, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
@@ -224,7 +225,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["trl", "tunesmith"])
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--trl-packed", action="store_true", help="also run TRL with packing=True")
+    parser.add_argument("--no-trl-packed", dest="trl_packed", action="store_false",
+                        help="skip TRL with packing=True (by default both TRL settings run and its best is the reference)")
     parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
     parser.add_argument("--result")
     parser.add_argument("--plot", default=str(REPO / "bench" / "results" / "sft_throughput.png"))
@@ -243,24 +245,33 @@ def main() -> None:
     results = {"TRL SFTTrainer (unpacked)": spawn("trl", args)}
     trl = results["TRL SFTTrainer (unpacked)"]
     print(f"  TRL: {trl['tokens']:,} tokens in {trl['steps']} steps", flush=True)
-    if args.trl_packed:
-        results["TRL SFTTrainer (packed)"] = spawn("trl", args, packing=True)
-    results["tunesmith (unpacked)"] = spawn("tunesmith", args)
     # Packed: as many 512-token rows per step as TRL's 4 examples hold tokens (the same effective batch in
-    # tokens), for as many steps as TRL ran, so both train on about the same number of tokens.
+    # tokens), so both train on about the same number of tokens,
     rows_per_step = max(1, round(trl["tokens"] / trl["steps"] / (MAX_LENGTH * 0.95)))
-    results["tunesmith (packed)"] = spawn("tunesmith", args, packing=True, batch=rows_per_step)
-    results["tunesmith (packed, compiled)"] = spawn("tunesmith", args, packing=True, compile=True, batch=rows_per_step)
+    # and as many steps as come closest to TRL's tokens (packed rows are ~98% full)
+    steps = max(2, round(trl["tokens"] / (rows_per_step * MAX_LENGTH * 0.98)))
+    if args.trl_packed:
+        results["TRL SFTTrainer (packed)"] = spawn("trl", args, packing=True, batch=rows_per_step, steps=steps)
+    results["tunesmith (unpacked)"] = spawn("tunesmith", args)
+    results["tunesmith (packed)"] = spawn("tunesmith", args, packing=True, batch=rows_per_step, steps=steps)
+    results["tunesmith (packed, compiled)"] = spawn("tunesmith", args, packing=True, compile=True, batch=rows_per_step,
+                                                    steps=steps)
 
+    # The reference is TRL at its best: its fastest configuration for speed, its leanest for memory.
+    trls = [r for name, r in results.items() if name.startswith("TRL")]
+    ref_speed = max(r["tokens_per_s"] for r in trls)
+    ref_rss = min(r["peak_rss_gib"] for r in trls)
     avg_context = trl["tokens"] / (trl["steps"] * BATCH)
     header = (f"{'contender':<31}{'tokens/s':>10}{'x TRL':>8}{'peak RSS GiB':>14}{'x TRL':>8}{'MFU':>7}"
               f"{'1st step s':>12}{'tokens':>9}{'held-out loss':>15}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
         util = mfu(r, args.method, peak, avg_context)
-        print(f"{name:<31}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / trl['tokens_per_s']:>8.2f}"
-              f"{r['peak_rss_gib']:>14.2f}{r['peak_rss_gib'] / trl['peak_rss_gib']:>8.2f}{100 * util:>6.0f}%"
+        print(f"{name:<31}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / ref_speed:>8.2f}"
+              f"{r['peak_rss_gib']:>14.2f}{r['peak_rss_gib'] / ref_rss:>8.2f}{100 * util:>6.0f}%"
               f"{r['first_step_s']:>12.1f}{r['tokens']:>9,}{r['heldout_loss']:>15.4f}")
+    if len(trls) > 1:
+        print(f"(x TRL: against TRL's fastest run for tokens/s, {ref_speed:.1f}, and its leanest for RSS, {ref_rss:.2f} GiB)")
     _plot(results, Path(args.plot), args.method)
     print(f"\nloss curves: {args.plot}")
 
