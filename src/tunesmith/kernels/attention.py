@@ -32,13 +32,10 @@ def _blocks(cu: torch.Tensor) -> list[tuple[int, int]]:
     return [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
 
 
-def _expand(kv: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, Hkv, L, D] -> flattened [B*L, H, D], each kv head repeated for its group of query heads."""
-    b, h, n, d = kv.shape
-    flat = kv.transpose(1, 2)
-    if groups > 1:
-        flat = flat.repeat_interleave(groups, dim=2)
-    return flat.reshape(b * n, h * groups, d)
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] -> [B*L, H, D] (no copy for q/k/v as the projections lay them out)."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b * n, h, d)
 
 
 def _view(flat: torch.Tensor, s: int, e: int) -> torch.Tensor:
@@ -49,9 +46,7 @@ def _view(flat: torch.Tensor, s: int, e: int) -> torch.Tensor:
 def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, n, d = q.shape
-    groups = h // k.shape[1]
-    qf = q.transpose(1, 2).reshape(b * n, h, d)
-    kf, vf = _expand(k, groups), _expand(v, groups)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)  # the CPU flash kernel takes grouped kv heads as they are
     out = q.new_empty(b * n, h, d)
     lse = q.new_empty(h, b * n, dtype=torch.float32)
     for s, e in _blocks(cu):
@@ -73,10 +68,7 @@ def _packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
                                out: torch.Tensor, lse: torch.Tensor, cu: torch.Tensor,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, n, d = q.shape
-    hkv = k.shape[1]
-    groups = h // hkv
-    qf = q.transpose(1, 2).reshape(b * n, h, d)
-    kf, vf = _expand(k, groups), _expand(v, groups)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
     of, gf = out.reshape(b * n, h, d), grad.reshape(b * n, h, d)
     gq, gk, gv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)  # the blocks cover every token
     for s, e in _blocks(cu):
@@ -85,10 +77,10 @@ def _packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
             lse[:, s:e].unsqueeze(0).contiguous(), 0.0, True, attn_mask=None, scale=scale)
         gq[s:e], gk[s:e], gv[s:e] = dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1)
 
-    def back(flat: torch.Tensor, heads: int) -> torch.Tensor:  # [B*L, H, D] -> [B, heads, L, D], groups summed
-        return flat.view(b * n, heads, groups, d).sum(2).view(b, n, heads, d).transpose(1, 2)
+    def back(flat: torch.Tensor) -> torch.Tensor:  # [B*L, heads, D] -> [B, heads, L, D] (BLHD storage)
+        return flat.view(b, n, flat.shape[1], d).transpose(1, 2)
 
-    return gq.view(b, n, h, d).transpose(1, 2), back(gk, hkv), back(gv, hkv)
+    return back(gq), back(gk), back(gv)
 
 
 @_packed_attention_backward.register_fake
