@@ -5,7 +5,8 @@ reference (transformers' SDPA path) turns that into a rows x rows block-diagonal
 attention over the whole square; the CPU flash kernel cannot skip the masked blocks, so a
 512-token row of three samples does about three times the work it needs. Here each sample's
 block runs through the same flash kernel with `is_causal` (work: the sum of the squared sample
-lengths, halved), forward and backward, and no mask is built.
+lengths, halved), forward and backward; the mask transformers still builds (SDPA's mask function
+is registered for the implementation, so padded and generation batches work) goes unused.
 
 Use: a model loaded with `attn_implementation=PACKED` (models.load_model does) behaves exactly
 as SDPA unless a forward passes `packed_cu` (the cumulative segment boundaries over the
