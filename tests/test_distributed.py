@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import chat_rows, run_cli, write_jsonl, write_recipe
 
@@ -111,8 +112,6 @@ def test_fsdp_is_for_full_fine_tuning(tmp_path, capsys):
 def test_deepspeed_zero_matches_one_process_and_resumes(tmp_path):
     """ZeRO stage 2 (LoRA) and stage 1 (full fine-tuning) on 2 CPU processes over gloo: the weights of one
     process with the same global batch, and an exact resume from DeepSpeed's own checkpoint."""
-    import pytest
-
     pytest.importorskip("deepspeed")
     from safetensors.torch import load_file
 
@@ -163,3 +162,17 @@ def test_deepspeed_config_problems_are_one_line_errors(tmp_path, capsys):
         assert code == 2 and expected[name] in err and "Traceback" not in err, (name, err)
     code, _, err = run_cli("train", recipe, f"training.deepspeed={tmp_path / 'stage3.json'}", capsys=capsys)
     assert code == 2 and "set training.parallel deepspeed" in err
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_ddp_match_one_eager_process(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
+    recipe = write_recipe(tmp_path, training={"max_steps": 4, "learning_rate": 1e-3, "micro_batch_size": 4,
+                                              "gradient_accumulation": 2, "max_length": 64, "packing": True,
+                                              "lr_schedule": "constant", "seed": 0})
+    assert tunesmith("train", str(recipe), f"output_dir={tmp_path / 'one'}").returncode == 0
+    two = tunesmith("train", str(recipe), f"output_dir={tmp_path / 'two'}", "training.micro_batch_size=2",
+                    "training.compile=true", "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
