@@ -16,6 +16,8 @@ and merging are unchanged (A keeps its `weight`); in eval mode A is a plain line
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,9 +34,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     multiplies ~3x faster on CPU than float x bool, which converts the mask first."""
     if torch.device(device).type != "cpu":  # accelerators draw on the device (a fused Philox kernel)
         return (torch.rand(shape, device=device) >= p).view(torch.uint8)
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     seed = int(torch.randint(0, 2**62, (1,)))
     words = np.random.PCG64(seed).random_raw((n + 3) // 4)
     lanes = torch.from_numpy(words.view(np.int16)[:n])  # uniform over [-32768, 32767]
