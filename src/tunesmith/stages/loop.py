@@ -412,8 +412,6 @@ class Loop:
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes (every rank holds the same weights); the others wait until it is on disk."""
-        from safetensors.torch import save_file
-
         from tunesmith import distributed
 
         if self.engine is not None:
@@ -428,20 +426,27 @@ class Loop:
             weights, optimizer = self.trainable_state(), self.optimizer_state()
         folder = self.out_dir / CHECKPOINTS / f"step-{self.step:07d}"
         with building_dir(folder) as tmp:
-            save_file(weights, tmp / "trainable.safetensors")
             torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "tokens": self.tokens}))
-        for old in list_checkpoints(self.out_dir)[: -self.training.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._write_step(tmp, weights)
+        self._prune_checkpoints()
         distributed.barrier()
         return folder
+
+    def _write_step(self, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+        """What every checkpoint holds besides the optimizer: trainable weights, RNG, step and tokens."""
+        from safetensors.torch import save_file
+
+        save_file(weights, folder / "trainable.safetensors")
+        torch.save(_rng_state(), folder / "rng.pt")
+        (folder / "state.json").write_text(json.dumps({"step": self.step, "tokens": self.tokens}))
+
+    def _prune_checkpoints(self) -> None:
+        for old in list_checkpoints(self.out_dir)[: -self.training.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _save_deepspeed_checkpoint(self) -> Path:
         """Every rank writes its ZeRO partition of the optimizer into one folder (DeepSpeed's own format, so
         its tools read it); rank 0 adds the trainable weights, RNG and step, then renames the folder into place."""
-        from safetensors.torch import save_file
-
         from tunesmith import distributed
 
         folder = self.out_dir / CHECKPOINTS / f"step-{self.step:07d}"
@@ -453,14 +458,11 @@ class Loop:
         self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
         distributed.barrier()
         if self.rank == 0:
-            save_file(self.trainable_state(), tmp / "trainable.safetensors")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "tokens": self.tokens}))
+            self._write_step(tmp, self.trainable_state())
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)
-            for old in list_checkpoints(self.out_dir)[: -self.training.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._prune_checkpoints()
         distributed.barrier()
         return folder
 
