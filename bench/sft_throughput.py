@@ -16,6 +16,9 @@ steps, attention kept inside each sample) and packed with `training.compile` ove
 number of tokens. Timing skips the first optimizer step (warm-up; the compiler runs in it, and
 its time is shown apart).
 
+tunesmith runs on the allocator `tunesmith train` uses (jemalloc when the system has it, see
+src/tunesmith/allocator.py; TUNESMITH_ALLOCATOR=system for the C library's); TRL as a plain script.
+
 Model-FLOPs utilisation = useful FLOPs / time / measured GEMM peak. Useful FLOPs per
 token: forward 2N over the transformer's matmul weights, backward 2N (LoRA: activation
 gradients only) or 4N (full), attention scores on the real context, and the vocabulary
@@ -178,10 +181,16 @@ def summarise(log: list[dict], model_config, targets_share: float) -> dict:
     tokens = last["tokens"] - first["tokens"]
     seconds = last["time"] - first["time"]
     return {"tokens_per_s": tokens / seconds, "tokens": int(last["tokens"]), "timed_tokens": tokens, "seconds": seconds,
-            "steps": len(log), "first_step_s": first["time"], "peak_rss_gib": peak_rss_gib(), "losses": [(r["tokens"], r["loss"]) for r in log],
+            "steps": len(log), "first_step_s": first["time"], "peak_rss_gib": peak_rss_gib(), "allocator": _allocator(), "losses": [(r["tokens"], r["loss"]) for r in log],
             "target_share": targets_share, "n_layers": model_config.num_hidden_layers,
             "hidden": model_config.hidden_size, "vocab": model_config.vocab_size,
             "matmul_params": _matmul_params(model_config)}
+
+
+def _allocator() -> str:
+    from tunesmith import allocator
+
+    return allocator.active()
 
 
 def _matmul_params(c) -> int:
@@ -209,6 +218,10 @@ def spawn(kind: str, args, **extra) -> dict:
            "--rows", str(args.rows), "--batch", str(extra.get("batch", BATCH))]
     cmd += [flag for flag in ("--packing", "--compile") if extra.get(flag[2:])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if kind == "tunesmith":  # the allocator `tunesmith train` runs on: jemalloc when installed (src/tunesmith/allocator.py)
+        from tunesmith import allocator
+
+        env = allocator.preload_env(env) or env
     done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         sys.exit(f"{kind} worker failed:\n{done.stderr[-3000:]}")
@@ -270,6 +283,8 @@ def main() -> None:
         print(f"{name:<31}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / ref_speed:>8.2f}"
               f"{r['peak_rss_gib']:>14.2f}{r['peak_rss_gib'] / ref_rss:>8.2f}{100 * util:>6.0f}%"
               f"{r['first_step_s']:>12.1f}{r['tokens']:>9,}{r['heldout_loss']:>15.4f}")
+    allocators = sorted({f"{name.split(' ')[0]}: {r['allocator']}" for name, r in results.items()})
+    print(f"(allocators: {', '.join(allocators)}; TUNESMITH_ALLOCATOR=system runs tunesmith on the C library's)")
     if len(trls) > 1:
         print(f"(x TRL: against TRL's fastest run for tokens/s, {ref_speed:.1f}, and its leanest for RSS, {ref_rss:.2f} GiB)")
     _plot(results, Path(args.plot), args.method)

@@ -146,7 +146,8 @@ def _print_summary(console, summary: dict, out: Path) -> None:
         ("trained", f"{summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s "
                     f"({summary['tokens_per_second']:.0f} tok/s)"),
         ("parameters", f"{summary['trainable_parameters']:,} trainable of {summary['total_parameters']:,}"),
-        ("peak memory", f"{summary['peak_rss_gib']:.2f} GiB RSS"),
+        ("peak memory", f"{summary['peak_rss_gib']:.2f} GiB RSS"
+                        + (f" ({summary['allocator']} allocator)" if summary.get("allocator") else "")),
         ("output", f"{out} (loss plot: {out / 'loss.png'})"),
     ]
     for key, value in rows:
@@ -726,6 +727,23 @@ app.add_typer(rag_app, name="rag")
 from tunesmith.cli_compare import compare; app.command("compare")(compare)  # noqa: E402,E702
 
 
+TRAINING_COMMANDS = ("train", "quickstart", "compare")  # long runs whose peak memory the allocator sets
+
+
+def entry() -> None:
+    """The process entry point (`tunesmith`, `python -m tunesmith.cli`): training commands first re-run
+    themselves on jemalloc when it is installed (allocator.py says why), then `main`."""
+    if len(sys.argv) > 1 and sys.argv[1] in TRAINING_COMMANDS:
+        from tunesmith import allocator
+
+        try:
+            allocator.rerun_with_jemalloc(sys.argv[1:])
+        except TunesmithError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            sys.exit(2)
+    main()
+
+
 def main() -> None:
     try:
         app()
@@ -738,4 +756,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

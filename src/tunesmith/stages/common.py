@@ -17,6 +17,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tunesmith import allocator
 from tunesmith.config import Recipe
 from tunesmith.data.formats import Example, load_examples, split_off
 from tunesmith.data.render import PackedRow, Sample, fit_length, render
@@ -361,6 +362,7 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
         summary["prompt"] = prompt
     summary["files"] = save_final(model, base.tokenizer, out, state)
     summary["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    summary["allocator"] = allocator.active()
     write_summary(out, summary, result.train_losses, result.eval_losses,
                   f"{recipe.stage} · {recipe.tuning.method} · {Path(recipe.model.path).name}")
     return summary
