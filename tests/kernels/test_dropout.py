@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-from tunesmith.kernels.dropout import DropoutLinear, dropout_linear, fuse_lora_dropout, keep_mask
+from tunesmith.kernels.dropout import (DropoutLinear, _pack_bits_torch, _unpack_bits_torch, dropout_linear,
+                                      fuse_lora_dropout, keep_mask, pack_bits, unpack_bits)
 
 
 def test_the_mask_keeps_one_minus_p_in_every_lane_and_follows_the_torch_seed():
@@ -36,9 +37,32 @@ def test_forward_and_gradients_equal_the_explicit_formula_with_the_same_mask():
         assert torch.allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7), (8,), (1, 511, 576)])
+def test_masks_are_saved_one_bit_per_element_and_come_back_the_same(shape):
+    torch.manual_seed(1)
+    mask = keep_mask(shape, 0.3)
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
+    assert torch.equal(unpack_bits(packed, shape), mask)
+    # the accelerator path (torch ops) lays the bits out as numpy does
+    assert torch.equal(_pack_bits_torch(mask), packed)
+    assert torch.equal(_unpack_bits_torch(packed, shape), mask)
+
+
+def test_the_op_saves_the_packed_mask():
+    x, weight = torch.randn(2, 9, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
+    y, packed = torch.ops.tunesmith.dropout_linear_bits(x, weight, 0.5)
+    assert packed.shape == ((x.numel() + 7) // 8,)
+    keep = unpack_bits(packed, x.shape)
+    assert torch.allclose(y, F.linear(x * keep * 2.0, weight), atol=1e-5)
+
+
 def test_the_op_passes_torch_opcheck():
     x, weight = torch.randn(4, 10, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
-    result = opcheck(torch.ops.tunesmith.dropout_linear.default, (x, weight, 0.0))
+    result = opcheck(torch.ops.tunesmith.dropout_linear_bits.default, (x, weight, 0.0))
+    assert set(result.values()) == {"SUCCESS"}
+    packed = pack_bits(keep_mask((4, 10, 16), 0.5))
+    result = opcheck(torch.ops.tunesmith.unpack_bits.default, (packed, [4, 10, 16]))
     assert set(result.values()) == {"SUCCESS"}
 
 
