@@ -54,23 +54,26 @@ def test_plan_counts_steps_from_epochs_or_max_steps():
     assert plan_steps(10, TrainingConfig(max_steps=7)).total_steps == 7
 
 
-def test_chunked_cross_entropy_equals_the_plain_one():
+@pytest.mark.parametrize("vocab", [500, 9000])  # 9000: logits built in vocabulary blocks of 4096, 4096, 808
+def test_chunked_cross_entropy_equals_the_plain_one(vocab):
     import torch.nn.functional as F
 
     from tunesmith.stages.loop import chunked_cross_entropy
 
     torch.manual_seed(0)
-    head = torch.nn.Linear(32, 500, bias=False)
+    head = torch.nn.Linear(32, vocab, bias=False)
     hidden = torch.randn(700, 32, requires_grad=True)
-    targets = torch.randint(0, 500, (700,))
-    plain = F.cross_entropy(head(hidden), targets, reduction="sum")
+    targets = torch.randint(0, vocab, (700,))
+    plain = F.cross_entropy(head(hidden), targets, reduction="sum") / 17  # scaled, as the loop divides by targets
     plain.backward()
     grads = hidden.grad.clone(), head.weight.grad.clone()
     hidden.grad, head.weight.grad = None, None
-    chunked = chunked_cross_entropy(head, hidden, targets, chunk=128)
-    chunked.backward()
+    chunked = chunked_cross_entropy(head, hidden, targets, chunk=128) / 17
+    chunked.backward(retain_graph=True)
     assert float(chunked.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
     assert torch.allclose(hidden.grad, grads[0], atol=1e-6) and torch.allclose(head.weight.grad, grads[1], atol=1e-5)
+    with pytest.raises(RuntimeError, match="differentiated twice"):  # its gradients are scaled in place: used up
+        chunked.backward()
 
 
 def test_activation_checkpointing_changes_no_loss(tmp_path):
@@ -83,3 +86,44 @@ def test_activation_checkpointing_changes_no_loss(tmp_path):
     train(recipe, [f"output_dir={tmp_path / 'plain'}"])
     train(recipe, [f"output_dir={tmp_path / 'ckpt'}", "training.activation_checkpointing=true"])
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+
+
+def test_the_gradient_norm_is_clip_grad_norms_and_clipping_in_the_fused_step_equals_clipping_first():
+    from tunesmith.stages.loop import grad_l2_norm
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(300, 70), (70,), (5000, 3)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, twin in zip(params, twins):
+        p.grad = torch.randn_like(p) * 3
+        twin.grad = p.grad.clone()
+    exact = sum(float((p.grad.double() ** 2).sum()) for p in params) ** 0.5
+    norm = grad_l2_norm(twins)
+    assert float(norm) == pytest.approx(exact, rel=1e-6)
+    reference = torch.optim.AdamW(params, lr=0.1, fused=True)
+    assert float(torch.nn.utils.clip_grad_norm_(params, 1.0)) == pytest.approx(float(norm), rel=1e-5)
+    reference.step()
+    fused = torch.optim.AdamW(twins, lr=0.1, fused=True)
+    fused.grad_scale = torch.clamp((norm + 1e-6) / 1.0, min=1.0)  # what the loop does
+    fused.step()
+    for p, twin in zip(params, twins):
+        assert torch.allclose(p, twin, atol=1e-6)
+
+
+def test_a_tied_embedding_sends_sparse_rows_and_the_tied_weight_gets_the_same_dense_gradient(tiny_path):
+    from tunesmith.stages.loop import _sparse_tied_embedding, loss_sum
+
+    batch = {"input_ids": torch.randint(5, 500, (2, 12)), "position_ids": torch.arange(12).repeat(2, 1)}
+    batch["labels"] = batch["input_ids"].clone()
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = load_model(tiny_path)
+        assert _sparse_tied_embedding(model) if sparse else model.get_input_embeddings().weight is model.lm_head.weight
+        loss_sum(model, batch).backward()
+        weight = model.get_input_embeddings().weight
+        assert not weight.grad.is_sparse
+        grads.append(weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    lora = apply_tuning(load_model(tiny_path), TuningConfig(method="lora"))
+    assert not _sparse_tied_embedding(lora)  # a frozen embedding has no gradient to send
