@@ -37,6 +37,7 @@ test-fast: setup
 
 # Every benchmark, each printing its table (the reference measured in the same run); about 2 hours on 2 cores.
 bench: setup
+	@$(PY) -c "from tunesmith import allocator; print('allocator for tunesmith runs:', 'jemalloc' if allocator.jemalloc_library() else 'the C library (apt install libjemalloc2 for jemalloc: lower peak memory)')"
 	$(PY) bench/sft_throughput.py
 	$(PY) bench/sft_throughput.py --method full
 	$(PY) bench/preference.py
