@@ -133,6 +133,11 @@ def run_recipe(config, resume: bool = False, overwrite: bool = False, preview_to
     return summary
 
 
+def _peak_memory(summary: dict) -> str:
+    allocator = f" ({summary['allocator']} allocator)" if summary.get("allocator") else ""
+    return f"{summary['peak_rss_gib']:.2f} GiB RSS{allocator}"
+
+
 def _print_summary(console, summary: dict, out: Path) -> None:
     from rich.table import Table
 
@@ -146,8 +151,7 @@ def _print_summary(console, summary: dict, out: Path) -> None:
         ("trained", f"{summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s "
                     f"({summary['tokens_per_second']:.0f} tok/s)"),
         ("parameters", f"{summary['trainable_parameters']:,} trainable of {summary['total_parameters']:,}"),
-        ("peak memory", f"{summary['peak_rss_gib']:.2f} GiB RSS"
-                        + (f" ({summary['allocator']} allocator)" if summary.get("allocator") else "")),
+        ("peak memory", _peak_memory(summary)),
         ("output", f"{out} (loss plot: {out / 'loss.png'})"),
     ]
     for key, value in rows:
@@ -195,7 +199,7 @@ def _print_preference(console, summary: dict, out: Path) -> None:
              f"{summary['tokens']:,} tokens, {summary['tokens_per_second']:.0f} tok/s")
     rows += [("trained", f"{summary['steps']} steps in {summary['train_seconds']:.0f} s ({speed})"),
              ("parameters", f"{summary['trainable_parameters']:,} trainable of {summary['total_parameters']:,}"),
-             ("peak memory", f"{summary['peak_rss_gib']:.2f} GiB RSS"),
+             ("peak memory", _peak_memory(summary)),
              ("output", f"{out} ({plots})")]
     table = Table(title=f"{stage} summary", show_header=False, box=None)
     for key, value in rows:
@@ -222,7 +226,7 @@ def _print_classification(console, summary: dict, out: Path) -> None:
     embeds = ", ".join(f"{k} {'cached' if v['cached'] else 'computed'} {v['seconds']:.1f} s"
                        for k, v in summary["embeddings"].items())
     console.print(f"embeddings: {embeds}; head: {summary['head_training']['seconds']:.1f} s; "
-                  f"peak memory {summary['peak_rss_gib']:.2f} GiB")
+                  f"peak memory {_peak_memory(summary)}")
     console.print(f"output: {out} (confusion matrix: {out / 'confusion.png'}); "
                   f"predict with: tunesmith predict {out} --input FILE")
 
@@ -732,20 +736,16 @@ TRAINING_COMMANDS = ("train", "quickstart", "compare")  # long runs whose peak m
 
 def entry() -> None:
     """The process entry point (`tunesmith`, `python -m tunesmith.cli`): training commands first re-run
-    themselves on jemalloc when it is installed (allocator.py says why), then `main`."""
-    if len(sys.argv) > 1 and sys.argv[1] in TRAINING_COMMANDS:
-        from tunesmith import allocator
-
-        try:
-            allocator.rerun_with_jemalloc(sys.argv[1:])
-        except TunesmithError as exc:
-            print(f"error: {exc.message}", file=sys.stderr)
-            sys.exit(2)
-    main()
+    themselves on jemalloc when it is installed (allocator.py says why). Tests call `main` in-process."""
+    main(rerun_on_jemalloc=True)
 
 
-def main() -> None:
+def main(rerun_on_jemalloc: bool = False) -> None:
     try:
+        if rerun_on_jemalloc and len(sys.argv) > 1 and sys.argv[1] in TRAINING_COMMANDS:
+            from tunesmith import allocator
+
+            allocator.rerun_with_jemalloc(sys.argv[1:])
         app()
     except TunesmithError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

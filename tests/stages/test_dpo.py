@@ -42,6 +42,7 @@ def test_margin_grows(tmp_path):
     assert summary["reward_accuracy"] > 0.9 and summary["reward_margin"] > 0.05
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert summary["reference"] == "the model before training"
+    assert summary["peak_rss_gib"] > 0 and summary["allocator"] in ("jemalloc", "system")
     assert (tmp_path / "out" / "margins.png").stat().st_size > 1000
 
 

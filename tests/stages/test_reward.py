@@ -30,6 +30,7 @@ def test_golden_loss(tmp_path, method):
     summary = train(reward_recipe(tmp_path, tuning=tuning))
     assert losses(tmp_path / "out") == pytest.approx(GOLDEN[method], rel=1e-4)
     assert summary["steps"] == 3 and summary["heldout_pairs"] == 40
+    assert summary["peak_rss_gib"] > 0 and summary["allocator"] in ("jemalloc", "system")
 
 
 def test_learns_that_longer_wins(tmp_path):

@@ -31,7 +31,7 @@ from tunesmith.evaluate.metrics import classification_report
 from tunesmith.evaluate.plots import confusion_plot
 from tunesmith.files import write_text_atomic
 from tunesmith.models import load_backbone, load_tokenizer, pick_runtime, resolve_base, tunesmith_home
-from tunesmith.stages.common import check_output_dir, open_output_dir, peak_rss_gib
+from tunesmith.stages.common import check_output_dir, memory_report, open_output_dir
 from tunesmith.tuning import apply_tuning, count_parameters
 
 
@@ -137,7 +137,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
         "ece": round(report["ece"], 4), "embeddings": embed_report,
         "head_training": {"seconds": round(fit.seconds, 2), "epochs": fit.epochs, "best_epoch": fit.best_epoch},
         "layers_tried": {str(k): round(fits[k][1].best_accuracy, 4) for k in layers} if len(layers) > 1 else None,
-        "finetune": finetune, "peak_rss_gib": round(peak_rss_gib(), 2),
+        "finetune": finetune, **memory_report(),
     }
     write_text_atomic(out / "metrics.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")

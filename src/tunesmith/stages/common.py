@@ -277,6 +277,11 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024)
 
 
+def memory_report() -> dict:
+    """The run's peak resident memory and the allocator it ran on, for its summary."""
+    return {"peak_rss_gib": round(peak_rss_gib(), 2), "allocator": allocator.active()}
+
+
 def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows: list[PackedRow], console: Console,
                     resume: bool, overwrite: bool, summary: dict, preview=None) -> dict:
     """Open the output folder, build the model, evaluate, train, evaluate, save; return the summary.
@@ -361,8 +366,7 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
         summary["answer_after"] = answer
         summary["prompt"] = prompt
     summary["files"] = save_final(model, base.tokenizer, out, state)
-    summary["peak_rss_gib"] = round(peak_rss_gib(), 2)
-    summary["allocator"] = allocator.active()
+    summary.update(memory_report())
     write_summary(out, summary, result.train_losses, result.eval_losses,
                   f"{recipe.stage} · {recipe.tuning.method} · {Path(recipe.model.path).name}")
     return summary

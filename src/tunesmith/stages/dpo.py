@@ -31,7 +31,7 @@ from tunesmith.evaluate.plots import margin_histogram
 from tunesmith.files import write_text_atomic
 from tunesmith.generate import generate_reply
 from tunesmith.stages.common import (build_model, check_output_dir, load_pair_split, open_base, open_output_dir,
-                                     peak_rss_gib, save_final, training_progress, write_summary)
+                                     memory_report, save_final, training_progress, write_summary)
 from tunesmith.stages.loop import micro_batch_rows, plan_steps
 from tunesmith.stages.policy import add_reference_adapter, as_reference, is_peft, sequence_logps
 from tunesmith.stages.reward import PairObjective, pair_batch
@@ -215,7 +215,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
         summary["answer_before"] = lines[0]["answer"] if len(lines) > 1 else None
         summary["answer_after"] = lines[-1]["answer"]
     summary["files"] = save_final(model, base.tokenizer, out)
-    summary["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    summary.update(memory_report())
     write_summary(out, summary, result.train_losses, result.eval_losses,
                   f"dpo ({recipe.dpo.loss}) · {recipe.tuning.method} · {Path(recipe.model.path).name}",
                   ylabel=f"{recipe.dpo.loss} loss per pair", eval_label="held-out loss")

@@ -29,7 +29,7 @@ from tunesmith.models import load_model
 from tunesmith.rewards import last_token_scores
 from tunesmith.tuning import count_parameters
 from tunesmith.stages.common import (build_model, check_output_dir, load_pair_split, open_base, open_output_dir,
-                                     peak_rss_gib, save_final, training_progress, write_summary)
+                                     memory_report, save_final, training_progress, write_summary)
 
 
 def pair_batch(rows: list[PairRow], pad_id: int, device: torch.device, pack_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -219,7 +219,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
                                      if "accuracy" in r), None),
     }
     summary["files"] = save_final(model, base.tokenizer, out)
-    summary["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    summary.update(memory_report())
     write_summary(out, summary, result.train_losses, result.eval_losses,
                   f"reward · {recipe.tuning.method} · {Path(recipe.model.path).name}",
                   ylabel="Bradley-Terry loss per pair", eval_label="held-out loss")

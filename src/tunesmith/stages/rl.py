@@ -39,7 +39,7 @@ from tunesmith.evaluate.plots import rl_plot
 from tunesmith.files import write_text_atomic
 from tunesmith.generate import chat_prompt_ids, stop_token_ids
 from tunesmith.rewards import Rewarder, open_rewarder
-from tunesmith.stages.common import (build_model, check_output_dir, open_base, open_output_dir, peak_rss_gib,
+from tunesmith.stages.common import (build_model, check_output_dir, open_base, open_output_dir, memory_report,
                                      save_final, training_progress, write_summary)
 from tunesmith.stages.policy import add_reference_adapter, as_reference, is_peft, reply_token_logps
 
@@ -348,7 +348,7 @@ def run(recipe: Recipe, console: Console, resume: bool = False, overwrite: bool 
         "kl_last": steps[-1].get("kl") if steps else None,
     }
     summary["files"] = save_final(model, base.tokenizer, out)
-    summary["peak_rss_gib"] = round(peak_rss_gib(), 2)
+    summary.update(memory_report())
     write_summary(out, summary, result.train_losses, [], f"rl ({config.algorithm}) · {recipe.tuning.method}",
                   ylabel="surrogate loss per reply token")
     rl_plot(out / "rl.png", records, f"rl ({config.algorithm}) · {Path(recipe.model.path).name} · reward {rewarder.name}")
