@@ -51,7 +51,7 @@ def test_masks_are_saved_one_bit_per_element_and_come_back_the_same(shape):
 
 def test_the_op_saves_the_packed_mask():
     x, weight = torch.randn(2, 9, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
-    y, packed = torch.ops.tunesmith.dropout_linear_bits(x, weight, 0.5)
+    y, packed = torch.ops.tunesmith.dropout_linear_splitmix(x, weight, 0.5)
     assert packed.shape == ((x.numel() + 7) // 8,)
     keep = unpack_bits(packed, x.shape)
     assert torch.allclose(y, F.linear(x * keep * 2.0, weight), atol=1e-5)
@@ -59,7 +59,7 @@ def test_the_op_saves_the_packed_mask():
 
 def test_the_op_passes_torch_opcheck():
     x, weight = torch.randn(4, 10, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True)
-    result = opcheck(torch.ops.tunesmith.dropout_linear_bits.default, (x, weight, 0.0))
+    result = opcheck(torch.ops.tunesmith.dropout_linear_splitmix.default, (x, weight, 0.0))
     assert set(result.values()) == {"SUCCESS"}
     packed = pack_bits(keep_mask((4, 10, 16), 0.5))
     result = opcheck(torch.ops.tunesmith.unpack_bits.default, (packed, [4, 10, 16]))

@@ -1,0 +1,90 @@
+"""The C kernels: built once per machine, atomically; the dropout kernel draws exactly the numpy reference's masks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.kernels import dropout, native
+
+
+@pytest.fixture
+def fresh_library(tmp_path, monkeypatch):
+    """native.library() built from scratch in an empty TUNESMITH_HOME (and the cached one restored after)."""
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+def test_the_library_is_built_once_into_the_home_with_no_temporary_left(fresh_library):
+    assert native._compiler() is not None  # CI and the documented setup have a C compiler (torch.compile needs one)
+    lib = native.library()
+    assert lib is not None
+    built = list((fresh_library / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_without_a_compiler_or_when_switched_off_there_is_no_library(fresh_library, monkeypatch, caplog):
+    monkeypatch.setenv("TUNESMITH_NATIVE", "0")
+    assert native.library() is None
+    monkeypatch.delenv("TUNESMITH_NATIVE")
+    native.library.cache_clear()
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails: a warning, no library, no file left
+    assert native.library() is None
+    assert "could not compile" in caplog.text
+    assert not any((fresh_library / "kernels").iterdir())
+
+
+@pytest.mark.parametrize("shape", [(1, 512, 576), (3, 7, 5), (1, 130), (64,), (2, 9, 1536)])
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_the_c_kernel_draws_the_numpy_reference_mask_bit_for_bit(shape, p):
+    lib = native.library()
+    n = math.prod(shape)
+    x = torch.randn(shape)
+    for threads in (1, 2):  # the mask depends on the seed and the element only, not on the threads
+        dropped, packed = torch.empty_like(x), torch.full(((n + 7) // 8,), 255, dtype=torch.uint8)
+        lib.tunesmith_dropout_forward(x.data_ptr(), dropped.data_ptr(), packed.data_ptr(), n, 1234, dropout._threshold(p),
+                                      1 / (1 - p), threads)
+        keep = dropout.reference_keep(1234, n, p)
+        assert torch.equal(packed, torch.from_numpy(np.packbits(keep.view(np.uint8), bitorder="little")))  # spare bits 0
+        assert torch.equal(dropped, torch.where(torch.from_numpy(keep).view(shape), x * (1 / (1 - p)), 0.0))
+        again = torch.empty_like(x)
+        lib.tunesmith_dropout_backward(None, x.data_ptr(), again.data_ptr(), packed.data_ptr(), n, 1 / (1 - p), threads)
+        assert torch.equal(again, dropped)
+        grad = torch.randn(shape)
+        expected = torch.where(torch.from_numpy(keep).view(shape), grad * (1 / (1 - p)), 0.0)
+        lib.tunesmith_dropout_backward(grad.data_ptr(), x.data_ptr(), None, packed.data_ptr(), n, 1 / (1 - p), threads)
+        assert torch.equal(grad, expected)
+
+
+def test_the_reference_mask_is_fair_in_every_lane_and_word():
+    keep = dropout.reference_keep(99, 4_000_000, 0.05)
+    sigma = math.sqrt(0.05 * 0.95 / 1_000_000)
+    for lane in range(4):
+        assert abs(1 - keep[lane::4].mean() - 0.05) < 5 * sigma
+    # neighbouring words are independent: the drop rate of a pair of lanes from consecutive words is p^2
+    pairs = ~keep[0::4][:-1] & ~keep[0::4][1:]
+    assert abs(pairs.mean() - 0.05**2) < 5 * math.sqrt(0.05**2 / 1_000_000)
+
+
+def test_the_op_gives_the_same_output_and_gradients_with_and_without_the_c_kernel(monkeypatch):
+    x, weight = torch.randn(2, 33, 48, requires_grad=True), torch.randn(8, 48, requires_grad=True)
+    grad = torch.randn(2, 33, 8)
+    results = []
+    for use_native in (True, False):
+        if not use_native:
+            monkeypatch.setattr(native, "library", lambda: None)
+        torch.manual_seed(7)
+        y = dropout.dropout_linear(x, weight, 0.3)
+        results.append((y, *torch.autograd.grad(y, (x, weight), grad)))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5)
+    torch.manual_seed(7)
+    keep = dropout.keep_mask(x.shape, 0.3)
+    assert torch.allclose(results[0][0], F.linear(x * keep / 0.7, weight), atol=1e-5)
