@@ -111,6 +111,8 @@ def test_the_gradient_norm_is_clip_grad_norms_and_clipping_in_the_fused_step_equ
 
 
 def test_a_tied_embedding_sends_sparse_rows_and_the_tied_weight_gets_the_same_dense_gradient(tiny_path):
+    from torch.profiler import profile
+
     from tunesmith.stages.loop import _sparse_tied_embedding, loss_sum
 
     batch = {"input_ids": torch.randint(5, 500, (2, 12)), "position_ids": torch.arange(12).repeat(2, 1)}
@@ -120,10 +122,16 @@ def test_a_tied_embedding_sends_sparse_rows_and_the_tied_weight_gets_the_same_de
         torch.manual_seed(0)
         model = load_model(tiny_path)
         assert _sparse_tied_embedding(model) if sparse else model.get_input_embeddings().weight is model.lm_head.weight
-        loss_sum(model, batch).backward()
         weight = model.get_input_embeddings().weight
+        with profile(record_shapes=True) as prof:
+            for _ in range(2):  # two micro-batches: the second adds to the first's gradient
+                loss_sum(model, batch).backward()
         assert not weight.grad.is_sparse
         grads.append(weight.grad)
+        if sparse:  # the head's dense gradient becomes the leaf's .grad; the sparse rows are added to it in place
+            vocab = list(weight.shape)
+            assert not [e for e in prof.key_averages(group_by_input_shape=True)
+                        if e.key == "aten::copy_" and e.input_shapes[:2] == [vocab, vocab]]
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
     lora = apply_tuning(load_model(tiny_path), TuningConfig(method="lora"))
     assert not _sparse_tied_embedding(lora)  # a frozen embedding has no gradient to send

@@ -93,7 +93,9 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
             **packed_kwargs(base, batch["position_ids"]),
         ).last_hidden_state[:, :-1]
         keep = labels != IGNORE
-        return chunked_cross_entropy(base.get_output_embeddings(), hidden[keep], labels[keep])
+        head, inputs = base.get_output_embeddings(), base.get_input_embeddings()
+        sparse_tied = getattr(inputs, "sparse", False) and inputs.weight is head.weight  # see _sparse_tied_embedding
+        return chunked_cross_entropy(head, hidden[keep], labels[keep], into_grad=sparse_tied)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                    **packed_kwargs(base, batch["position_ids"])).logits
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -104,7 +106,7 @@ LOSS_CHUNK = 256  # target tokens whose vocabulary logits exist at once (49k-voc
 
 
 def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                          chunk: int = LOSS_CHUNK) -> torch.Tensor:
+                          chunk: int = LOSS_CHUNK, into_grad: bool = False) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `targets`, never holding more than `chunk` rows of logits.
 
     A batch's fp32 vocabulary logits, their log-softmax and their gradient are the largest tensors
@@ -112,11 +114,16 @@ def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: 
     each chunk's logits are built, turned into the loss and, while they exist, into the gradients
     of the hidden states and of the head (softmax minus one-hot, times the weight), then dropped:
     the backward pass only scales those gradients. Same FLOPs as the plain loss, no recompute,
-    peak memory one chunk of logits (the fused linear cross-entropy of Liger-Kernel and others)."""
+    peak memory one chunk of logits (the fused linear cross-entropy of Liger-Kernel and others).
+
+    `into_grad`: the head's weight gradient is added to `weight.grad` directly rather than returned
+    through autograd. For a weight tied to a sparse input embedding: autograd sums the two gradients
+    of one leaf out of place (a vocabulary-sized copy, 75 ms a SmolLM2 step), while a sparse gradient
+    arriving at a leaf that already has a dense `.grad` is added in place."""
     weight = head.weight
     if getattr(head, "bias", None) is not None:
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, into_grad)
 
 
 VOCAB_BLOCK = 4096  # columns of logits per GEMM on CPU: [256, 49k] at once runs ~20% below the blocked GEMMs
@@ -135,7 +142,8 @@ def _head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                into_grad: bool = False) -> torch.Tensor:
         want_hidden, want_weight = hidden.requires_grad, weight.requires_grad  # (forward runs without grad mode)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = None
@@ -162,6 +170,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Kept on ctx, not saved: backward scales them in place (no second copy of a vocabulary-sized gradient).
         ctx.grads = (grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
+        ctx.weight = weight if into_grad and weight.is_leaf else None
         return total
 
     @staticmethod
@@ -175,7 +184,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden.mul_(scale.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+            if ctx.weight is not None:  # into_grad: accumulate as AccumulateGrad would, and send nothing
+                if ctx.weight.grad is None:
+                    ctx.weight.grad = grad_weight
+                else:
+                    ctx.weight.grad.add_(grad_weight)
+                grad_weight = None
+        return grad_hidden, grad_weight, None, None, None
 
 
 @torch.no_grad()
