@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from tunesmith.kernels.attention import PACKED, packed_attention, packed_kwargs, segments
+from tunesmith.kernels.attention import PACKED, _packed_attention, _packed_attention_backward, packed_attention, packed_kwargs, segments
 
 # Two rows of 64 tokens: three samples in the first, one sample and its padding in the second.
 POSITIONS = torch.tensor([list(range(20)) + list(range(30)) + list(range(14)),
@@ -48,10 +48,10 @@ def test_forward_and_gradients_equal_sdpa_with_the_block_mask(kv_heads):
 def test_the_custom_ops_pass_torch_opcheck():
     q, k, v = inputs()
     cu = segments(POSITIONS)
-    result = opcheck(torch.ops.tunesmith.packed_attention.default, (q, k, v, cu, 0.25))
+    result = opcheck(_packed_attention._opoverload, (q, k, v, cu, 0.25))
     assert set(result.values()) == {"SUCCESS"}
-    out, lse = torch.ops.tunesmith.packed_attention(q, k, v, cu, 0.25)
-    back = opcheck(torch.ops.tunesmith.packed_attention_backward.default,
+    out, lse = _packed_attention(q, k, v, cu, 0.25)
+    back = opcheck(_packed_attention_backward._opoverload,
                    (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, 0.25))
     assert set(back.values()) == {"SUCCESS"}
 

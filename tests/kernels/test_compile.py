@@ -7,7 +7,9 @@ from conftest import chat_rows, write_jsonl, write_recipe
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tuning", [{"method": "full"},
-                                    {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}])
+                                    {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                                    # the fused dropout's backward is traced as tensor ops under compile
+                                    {"method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}])
 def test_compiled_training_gives_the_eager_losses(tmp_path, tuning):
     import torch._dynamo
 

@@ -88,3 +88,14 @@ def test_the_op_gives_the_same_output_and_gradients_with_and_without_the_c_kerne
     torch.manual_seed(7)
     keep = dropout.keep_mask(x.shape, 0.3)
     assert torch.allclose(results[0][0], F.linear(x * keep / 0.7, weight), atol=1e-5)
+
+
+def test_op_names_change_with_the_source_that_defines_them(tmp_path):
+    from tunesmith.kernels.compile import op_name
+
+    first, second = tmp_path / "a.py", tmp_path / "b.py"
+    first.write_text("x = 1\n")
+    second.write_text("x = 2\n")
+    assert op_name("f", first).startswith("tunesmith::f_") and op_name("f", first) != op_name("f", second)
+    assert op_name("f", first) == op_name("f", first)
+    assert dropout._dropout_linear._opoverload.name() == op_name("dropout_linear", dropout.__file__)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.kernels.compile import op_name
+
 PACKED = "tunesmith_packed"
 
 
@@ -43,7 +45,7 @@ def _view(flat: torch.Tensor, s: int, e: int) -> torch.Tensor:
     return flat[s:e].unsqueeze(0).transpose(1, 2)  # [1, H, l, D], strides of the [l, H, D] storage
 
 
-@torch.library.custom_op("tunesmith::packed_attention", mutates_args=())
+@torch.library.custom_op(op_name("packed_attention", __file__), mutates_args=())
 def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, n, d = q.shape
@@ -64,7 +66,7 @@ def _(q, k, v, cu, scale):
     return q.new_empty(b, n, h, d), q.new_empty(h, b * n, dtype=torch.float32)
 
 
-@torch.library.custom_op("tunesmith::packed_attention_backward", mutates_args=())
+@torch.library.custom_op(op_name("packed_attention_backward", __file__), mutates_args=())
 def _packed_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                out: torch.Tensor, lse: torch.Tensor, cu: torch.Tensor,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.kernels import native
+from tunesmith.kernels.compile import op_name
 
 LANES = 65536  # 16-bit lanes: p is quantised to a multiple of 1/65536
 _GAMMA, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -80,20 +81,10 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """The inverse of `pack_bits`: the 0/1 uint8 mask of `shape` (an op, so compiled backward passes can call it)."""
-    return _unpack_bits(packed, list(shape))
-
-
-@torch.library.custom_op("tunesmith::unpack_bits", mutates_args=())
-def _unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The inverse of `pack_bits`: the 0/1 uint8 mask of `shape`."""
     if packed.device.type == "cpu":
         return torch.from_numpy(np.unpackbits(packed.numpy(), count=math.prod(shape), bitorder="little")).view(shape)
     return _unpack_bits_torch(packed, shape)
-
-
-@_unpack_bits.register_fake
-def _(packed, shape):
-    return packed.new_empty(shape)
 
 
 def _pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:  # the same layout, for accelerators
@@ -102,11 +93,12 @@ def _pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:  # the same layout, fo
 
 
 def _unpack_bits_torch(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    bits = (packed[:, None] & _BITS.to(packed.device)).ne(0).view(torch.uint8)
+    """Pointwise ops only (no constant tensor), so that compiled graphs fuse the unpacking into its consumer."""
+    bits = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     return bits.reshape(-1)[: math.prod(shape)].view(shape)
 
 
-@torch.library.custom_op("tunesmith::dropout_linear_splitmix", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+@torch.library.custom_op(op_name("dropout_linear", __file__), mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _dropout_linear(x: torch.Tensor, weight: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     lib = _native(x)
     if lib is None:
@@ -131,7 +123,7 @@ def _setup(ctx, inputs, output):
     ctx.scale = 1.0 / (1.0 - p)
 
 
-@torch.library.custom_op("tunesmith::dropout_mask", mutates_args=())
+@torch.library.custom_op(op_name("dropout_mask", __file__), mutates_args=())
 def _dropout_mask(t: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
     """`t * keep * scale` for the packed keep-mask (an op, so compiled backward passes can call the C kernel)."""
     lib = _native(t)
@@ -151,11 +143,20 @@ def _(t, packed, scale):
 
 def _backward(ctx, grad_y, _grad_keep):
     x, weight, packed = ctx.saved_tensors
-    grad_x = _dropout_mask(grad_y @ weight, packed, ctx.scale) if ctx.needs_input_grad[0] else None
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        # Traced (torch.compile) or on an accelerator: plain tensor ops, which the compiler fuses into the
+        # kernels around them. x is then recomputed from the norm that made it, not saved: an opaque op
+        # reading x would make the partitioner keep every such x alive until the backward pass (+165 MB).
+        def mask(t: torch.Tensor) -> torch.Tensor:
+            return t * _unpack_bits_torch(packed, t.shape) * ctx.scale
+    else:
+        def mask(t: torch.Tensor) -> torch.Tensor:
+            return _dropout_mask(t, packed, ctx.scale)
+
+    grad_x = mask(grad_y @ weight) if ctx.needs_input_grad[0] else None
     grad_w = None
     if ctx.needs_input_grad[1]:
-        dropped = _dropout_mask(x, packed, ctx.scale)
-        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])
+        grad_w = grad_y.reshape(-1, grad_y.shape[-1]).t() @ mask(x).reshape(-1, x.shape[-1])
     return grad_x, grad_w, None
 
 

@@ -56,19 +56,28 @@ static inline void apply(const float *src, float *dst, uint64_t bits, int m, flo
         _mm512_storeu_ps(dst + 16 * q, _mm512_maskz_mul_ps((__mmask16)(bits >> (16 * q)), _mm512_loadu_ps(src + 16 * q), s));
 }
 #else
-/* The 64 keep bits of block `b` (bit j: element 64 * b + j). */
+/* Portable code shaped for the compiler's vectoriser: lanes compared into bytes, bytes gathered
+ * into bits with one multiply per 8, bits expanded to bytes again for the masked multiply. */
 static inline uint64_t block_bits(uint64_t seed, int64_t b, uint16_t threshold) {
     uint64_t words[BLOCK / 4];
     uint16_t lanes[BLOCK];
+    uint8_t keep[BLOCK];
     for (int k = 0; k < BLOCK / 4; k++) words[k] = mix64(seed + (uint64_t)(b * (BLOCK / 4) + k + 1) * GAMMA);
     memcpy(lanes, words, sizeof(lanes));
+    for (int j = 0; j < BLOCK; j++) keep[j] = lanes[j] >= threshold;
     uint64_t bits = 0;
-    for (int j = 0; j < BLOCK; j++) bits |= (uint64_t)(lanes[j] >= threshold) << j;
+    for (int q = 0; q < BLOCK / 8; q++) {
+        uint64_t v;
+        memcpy(&v, keep + 8 * q, 8); /* eight 0/1 bytes -> one byte, byte i -> bit i */
+        bits |= ((v * 0x0102040810204080ULL) >> 56) << (8 * q);
+    }
     return bits;
 }
 
 static inline void apply(const float *src, float *dst, uint64_t bits, int m, float scale) {
-    for (int j = 0; j < m; j++) dst[j] = ((bits >> j) & 1) ? src[j] * scale : 0.0f;
+    int32_t keep[BLOCK];
+    for (int j = 0; j < BLOCK; j++) keep[j] = (int32_t)((bits >> j) & 1);
+    for (int j = 0; j < m; j++) dst[j] = keep[j] ? src[j] * scale : 0.0f;
 }
 #endif
 
