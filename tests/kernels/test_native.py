@@ -1,6 +1,7 @@
 """The C kernels: built once per machine, atomically; the dropout kernel draws exactly the numpy reference's masks."""
 
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -41,10 +42,22 @@ def test_without_a_compiler_or_when_switched_off_there_is_no_library(fresh_libra
     assert not any((fresh_library / "kernels").iterdir())
 
 
+@pytest.fixture(scope="module", params=["host", "portable"])
+def c_library(request, tmp_path_factory):
+    """The library as built for this CPU, and its portable C path (vector extensions beyond AVX2 switched off)."""
+    if request.param == "host":
+        return native.library()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the host build is the portable path off x86")
+    path = tmp_path_factory.mktemp("portable") / "native.so"
+    assert native._build(native._compiler(), path, native.FLAGS + ("-mno-avx512f",)) == path
+    return native._load(path)
+
+
 @pytest.mark.parametrize("shape", [(1, 512, 576), (3, 7, 5), (1, 130), (64,), (2, 9, 1536)])
 @pytest.mark.parametrize("p", [0.05, 0.5])
-def test_the_c_kernel_draws_the_numpy_reference_mask_bit_for_bit(shape, p):
-    lib = native.library()
+def test_the_c_kernel_draws_the_numpy_reference_mask_bit_for_bit(c_library, shape, p):
+    lib = c_library
     n = math.prod(shape)
     x = torch.randn(shape)
     for threads in (1, 2):  # the mask depends on the seed and the element only, not on the threads

@@ -40,12 +40,12 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build(compiler: str, path: Path) -> Path | None:
+def _build(compiler: str, path: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
     os.close(handle)
     try:
-        for flags in (FLAGS, tuple(f for f in FLAGS if f != "-fopenmp")):  # some compilers (Apple clang) lack OpenMP
+        for flags in (flags, tuple(f for f in flags if f != "-fopenmp")):  # some compilers (Apple clang) lack OpenMP
             done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
             if done.returncode == 0:
                 os.replace(tmp, path)
@@ -71,6 +71,10 @@ def library() -> ctypes.CDLL | None:
     path = tunesmith_home() / "kernels" / f"tunesmith_native_{key}.so"
     if not path.exists() and _build(compiler, path) is None:
         return None
+    return _load(path)
+
+
+def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr, i64, u64, u32, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
     lib.tunesmith_dropout_forward.argtypes = [ptr, ptr, ptr, i64, u64, u32, f32, i32]
