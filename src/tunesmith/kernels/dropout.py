@@ -125,7 +125,8 @@ def _setup(ctx, inputs, output):
 
 @torch.library.custom_op(op_name("dropout_mask", __file__), mutates_args=())
 def _dropout_mask(t: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
-    """`t * keep * scale` for the packed keep-mask (an op, so compiled backward passes can call the C kernel)."""
+    """`t * keep * scale` for the packed keep-mask, through the C kernel when it can (the eager backward's path;
+    compiled graphs unpack with tensor ops instead, see `_backward`)."""
     lib = _native(t)
     if lib is None:
         return t * unpack_bits(packed, t.shape) * scale
