@@ -125,15 +125,16 @@ def _setup(ctx, inputs, output):
 
 @torch.library.custom_op(op_name("dropout_mask", __file__), mutates_args=())
 def _dropout_mask(t: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
-    """`t * keep * scale` for the packed keep-mask, through the C kernel when it can (the eager backward's path;
-    compiled graphs unpack with tensor ops instead, see `_backward`)."""
+    """`t * keep * scale` for the packed keep-mask, through the C kernel when it can. The eager backward's
+    path (compiled graphs unpack with tensor ops instead, see `_backward`); an op all the same, so that a
+    tracer that reaches it anyway sees an opaque call rather than raw data pointers."""
     lib = _native(t)
     if lib is None:
         return t * unpack_bits(packed, t.shape) * scale
     t = t.contiguous()
     out = torch.empty_like(t)
-    lib.tunesmith_dropout_backward(None, t.data_ptr(), out.data_ptr(), packed.data_ptr(), t.numel(), scale,
-                                   torch.get_num_threads())
+    lib.tunesmith_dropout_apply(t.data_ptr(), out.data_ptr(), packed.data_ptr(), t.numel(), scale,
+                                torch.get_num_threads())
     return out
 
 

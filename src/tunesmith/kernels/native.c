@@ -8,7 +8,8 @@
  * (numpy's packbits(bitorder="little")); the last byte's spare bits are zero.
  *
  * forward:  xk = keep ? x * scale : 0, and the packed mask.
- * backward: gx = keep ? gx * scale : 0 in place (when gx is given), and xk = keep ? x * scale : 0 (when xk is).
+ * apply:    dst = keep ? src * scale : 0 for a saved mask (the backward pass: the input gradient and the
+ *           dropped x; dst may be src).
  */
 #include <stdint.h>
 #include <string.h>
@@ -99,15 +100,14 @@ void tunesmith_dropout_forward(const float *x, float *xk, uint8_t *packed, int64
     }
 }
 
-void tunesmith_dropout_backward(float *gx, const float *x, float *xk, const uint8_t *packed, int64_t n,
-                                float scale, int threads) {
+void tunesmith_dropout_apply(const float *src, float *dst, const uint8_t *packed, int64_t n, float scale,
+                             int threads) {
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         int m = block_len(n, b);
         uint64_t bits = 0;
         memcpy(&bits, packed + b * 8, (size_t)(m + 7) / 8);
-        if (gx) apply(gx + b * BLOCK, gx + b * BLOCK, bits, m, scale);
-        if (xk) apply(x + b * BLOCK, xk + b * BLOCK, bits, m, scale);
+        apply(src + b * BLOCK, dst + b * BLOCK, bits, m, scale);
     }
 }

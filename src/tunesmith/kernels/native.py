@@ -79,6 +79,6 @@ def _load(path: Path) -> ctypes.CDLL:
     ptr, i64, u64, u32, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
     lib.tunesmith_dropout_forward.argtypes = [ptr, ptr, ptr, i64, u64, u32, f32, i32]
     lib.tunesmith_dropout_forward.restype = None
-    lib.tunesmith_dropout_backward.argtypes = [ptr, ptr, ptr, ptr, i64, f32, i32]
-    lib.tunesmith_dropout_backward.restype = None
+    lib.tunesmith_dropout_apply.argtypes = [ptr, ptr, ptr, i64, f32, i32]
+    lib.tunesmith_dropout_apply.restype = None
     return lib
