@@ -74,6 +74,23 @@ def test_two_processes_match_one_and_resume(tmp_path):
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+def test_torchrun_with_one_process_joins_a_group_of_one(tmp_path):
+    """`torchrun --nproc-per-node 1` (a one-GPU machine's DDP over NCCL; gloo here) trains through DDP in a
+    group of one and gives the plain run's weights."""
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
+    recipe = write_recipe(tmp_path, training={"max_steps": 2, "learning_rate": 1e-3, "micro_batch_size": 4,
+                                              "max_length": 64, "lr_schedule": "constant", "seed": 0})
+    assert tunesmith("train", str(recipe), f"output_dir={tmp_path / 'plain'}").returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    group = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                            "-m", "tunesmith.cli", "train", str(recipe), f"output_dir={tmp_path / 'group'}"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert group.returncode == 0, group.stderr[-2000:]
+    assert "1 process (torchrun), global batch 4 rows x 1 accumulation" in group.stdout
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "group")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
 def test_fsdp_full_fine_tuning_matches_one_process_and_resumes(tmp_path):
     from safetensors.torch import load_file
 

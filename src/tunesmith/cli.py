@@ -135,7 +135,8 @@ def run_recipe(config, resume: bool = False, overwrite: bool = False, preview_to
 
 def _peak_memory(summary: dict) -> str:
     allocator = f" ({summary['allocator']} allocator)" if summary.get("allocator") else ""
-    return f"{summary['peak_rss_gib']:.2f} GiB RSS{allocator}"
+    gpu = f", {summary['peak_gpu_gib']:.2f} GiB on the GPU" if summary.get("peak_gpu_gib") is not None else ""
+    return f"{summary['peak_rss_gib']:.2f} GiB RSS{allocator}{gpu}"
 
 
 def _print_summary(console, summary: dict, out: Path) -> None:

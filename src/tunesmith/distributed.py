@@ -39,8 +39,17 @@ def is_main() -> bool:
 
 
 def launched() -> bool:
-    """This process was started by torchrun for a run of several processes."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """This process was started by torchrun (or a launcher that sets the same env:// variables): join its group.
+
+    One process counts too: `torchrun --nproc-per-node 1` on a one-GPU machine runs DDP over NCCL, a group of one."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def in_group() -> bool:
+    """A process group is up: gradients are synced through DDP/FSDP/DeepSpeed, however many ranks it holds."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def init(device_type: str) -> None:

@@ -37,6 +37,28 @@ def test_forward_and_gradients_equal_the_explicit_formula_with_the_same_mask():
         assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_under_autocast_it_runs_in_the_autocast_dtype_and_grads_reach_fp32_weights():
+    """GPU training runs LoRA under bf16 autocast, which does not see into the op (CPU autocast takes the
+    same tensor path here): the layer casts as autocast would for F.linear, gradients come back in fp32."""
+    layer = torch.nn.Linear(32, 8, bias=False)
+    layer.__class__, layer.dropout_p = DropoutLinear, 0.1
+    x = torch.randn(4, 32, requires_grad=True)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.manual_seed(1)
+    keep = keep_mask(x.shape, 0.1)
+    ref_x, ref_w = x.detach().clone().requires_grad_(), layer.weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.linear(ref_x * keep / 0.9, ref_w)
+    ref.float().square().sum().backward()
+    assert torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=1e-2)  # bf16: scaled after the product
+    assert (layer.weight.grad - ref_w.grad).abs().max() <= 0.02 * ref_w.grad.abs().max()  # bf16 rounding
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 7), (8,), (1, 511, 576)])
 def test_masks_are_saved_one_bit_per_element_and_come_back_the_same(shape):
     torch.manual_seed(1)

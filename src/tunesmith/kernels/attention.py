@@ -121,7 +121,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     """transformers attention interface: varlen attention when the forward passed `packed_cu` on CPU, else SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if packed_cu is None or query.device.type != "cpu" or dropout or query.shape[2] != key.shape[2]:
+    if (packed_cu is None or query.device.type != "cpu" or dropout or query.shape[2] != key.shape[2]
+            or torch.is_autocast_enabled("cpu")):  # (bf16 autocast: SDPA casts; this kernel runs fp32 inputs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return packed_attention(query, key, value, packed_cu, scale), None

@@ -177,7 +177,11 @@ class DropoutLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.dropout_p > 0:
-            return dropout_linear(x, self.weight, self.dropout_p)
+            weight = self.weight
+            if torch.is_autocast_enabled(x.device.type):  # autocast does not see into an op: cast as it would
+                dtype = torch.get_autocast_dtype(x.device.type)  # for F.linear (GPU bf16 training)
+                x, weight = x.to(dtype), weight.to(dtype)
+            return dropout_linear(x, weight, self.dropout_p)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -278,8 +278,13 @@ def peak_rss_gib() -> float:
 
 
 def memory_report() -> dict:
-    """The run's peak resident memory and the allocator it ran on, for its summary."""
-    return {"peak_rss_gib": round(peak_rss_gib(), 2), "allocator": allocator.active()}
+    """The run's peak resident memory and the allocator it ran on (and the GPU's peak, on CUDA), for its summary."""
+    import torch
+
+    report = {"peak_rss_gib": round(peak_rss_gib(), 2), "allocator": allocator.active()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        report["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return report
 
 
 def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows: list[PackedRow], console: Console,
@@ -295,13 +300,14 @@ def train_causal_lm(recipe: Recipe, base: Base, rows: list[PackedRow], eval_rows
 
     out = open_output_dir(recipe, resume, overwrite)
     main = distributed.is_main()
-    sharded = distributed.world()[1] > 1 and recipe.training.parallel == "fsdp"
+    sharded = distributed.in_group() and recipe.training.parallel == "fsdp"
     preview = None if sharded else preview  # generating from rank 0 alone cannot gather the other ranks' shards
     model, report = build_model(recipe, base)
     processes = distributed.world()[1]
+    ranks = "processes" if processes > 1 else "process (torchrun)"
     console.print(f"[bold]{report}[/bold] ({recipe.tuning.method})"
-                  + (f"; {processes} processes, global batch {recipe.training.micro_batch_size * processes} rows x "
-                     f"{recipe.training.gradient_accumulation} accumulation" if processes > 1 else ""))
+                  + (f"; {processes} {ranks}, global batch {recipe.training.micro_batch_size * processes} rows x "
+                     f"{recipe.training.gradient_accumulation} accumulation" if distributed.in_group() else ""))
     loop = Loop(model, rows, eval_rows, recipe.training, out, base.tokenizer.pad_token_id,
                 base.runtime.torch_device, base.runtime.autocast_bf16)
     start_step = loop.resume() if resume else 0

@@ -273,10 +273,11 @@ class Loop:
         self.plan = plan_steps(len(rows), training, self.processes)
         # Under torchrun the loss runs through DistributedDataParallel (or FSDP2's sharded units), which
         # average gradients over ranks. Parameters must be sharded before the optimizer sees them.
-        self.sharded = self.processes > 1 and training.parallel == "fsdp"
-        self.deepspeed = self.processes > 1 and training.parallel == "deepspeed"
+        self.grouped = distributed.in_group()  # torchrun started this run (a group of one counts)
+        self.sharded = self.grouped and training.parallel == "fsdp"
+        self.deepspeed = self.grouped and training.parallel == "deepspeed"
         self.synced = self.engine = None
-        if self.processes > 1 and not self.deepspeed:
+        if self.grouped and not self.deepspeed:
             module = _LossModule(model, self.objective)
             self.synced = distributed.shard(module, model) if self.sharded else distributed.wrap(module, device.type)
         self.eval_key = getattr(self.objective, "eval_key", "eval_loss")
@@ -292,7 +293,7 @@ class Loop:
         self.fused = not (self.sharded or self.deepspeed) and all(p.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=training.learning_rate,
                                            betas=(0.9, 0.999), eps=1e-8, fused=self.fused or None)
-        if self.processes == 1 and self.fused:
+        if not self.grouped and self.fused:
             _sparse_tied_embedding(model)
         from transformers import get_scheduler
 
@@ -311,7 +312,7 @@ class Loop:
 
     # -- evaluation and logging --
     def evaluate(self) -> float:
-        if self.processes == 1:
+        if not self.grouped:
             return self.objective.evaluate(self.model, self.eval_rows, self.training.micro_batch_size, self.device,
                                            self.autocast_bf16, self.training.eval_max_batches)
         return self._evaluate_together()
@@ -366,7 +367,7 @@ class Loop:
                      for k in range(training.gradient_accumulation)]
             batches = [self.objective.batch(rows, self.device) for rows in micro]
             targets = sum(self.objective.weight(b) for b in batches)
-            if self.processes > 1:  # normalise by the whole step's targets, over every rank
+            if self.grouped:  # normalise by the whole step's targets, over every rank
                 targets = int(distributed.all_sum([targets])[0])
             lr = self.scheduler.get_last_lr()[0]
             for _ in range(self.updates):
@@ -407,7 +408,7 @@ class Loop:
                 self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             step_tokens = sum(self.objective.tokens(rows) for rows in micro)
-            if self.processes > 1:
+            if self.grouped:
                 step_loss, step_tokens = distributed.all_sum([step_loss, step_tokens])
                 step_tokens = int(step_tokens)
             self.tokens += step_tokens
