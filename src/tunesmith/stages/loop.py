@@ -129,15 +129,38 @@ def chunked_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: 
 VOCAB_BLOCK = 4096  # columns of logits per GEMM on CPU: [256, 49k] at once runs ~20% below the blocked GEMMs
 
 
-def _head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`h @ weight.T` (fp32). On CPU in blocks of vocabulary columns written straight into the logits:
-    MKL runs [256, 576] x [576, 49152] at ~215 GFLOP/s but each [256, 576] x [576, 4096] block at ~260."""
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _logits_scratch(rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
+    """A [rows, vocab] fp32 buffer kept for the next chunk and the next step. A fresh 50 MB chunk is served
+    from pages the allocator has handed back to the system (jemalloc releases allocations of 8 MB and
+    more at once): every step faulted them in again, 12,800 page faults per chunk."""
+    key = (like.device, vocab)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.shape[0] < rows:
+        buffer = _SCRATCH[key] = torch.empty(rows, vocab, dtype=torch.float32, device=like.device)
+    return buffer[:rows]
+
+
+def _head_logits(h: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`h @ weight.T` (fp32). On CPU in blocks of vocabulary columns written straight into a kept buffer
+    (`_logits_scratch`, room for `chunk` rows): MKL runs [256, 576] x [576, 49152] at ~215 GFLOP/s but
+    each [256, 576] x [576, 4096] block at ~260."""
     if h.device.type != "cpu" or weight.dtype != torch.float32 or h.dtype != torch.float32:
         return F.linear(h, weight).float()
-    logits = h.new_empty(h.shape[0], weight.shape[0])
+    logits = _logits_scratch(max(chunk, h.shape[0]), weight.shape[0], h)[: h.shape[0]]
     for j in range(0, weight.shape[0], VOCAB_BLOCK):
         torch.mm(h, weight[j : j + VOCAB_BLOCK].t(), out=logits[:, j : j + VOCAB_BLOCK])
     return logits
+
+
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, in place on CPU: the kernel reads each row (max, sum of exps)
+    before it writes it, so the output may be the input (tested against `torch.log_softmax`)."""
+    if logits.device.type != "cpu":
+        return torch.log_softmax(logits, dim=-1)
+    return torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -150,7 +173,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], chunk):
             h, y = hidden[i : i + chunk], targets[i : i + chunk]
-            logp = torch.log_softmax(_head_logits(h, weight), dim=-1)  # one fused pass over each row
+            logp = _log_softmax_(_head_logits(h, weight, chunk))  # one fused pass over each row
             rows = torch.arange(y.shape[0], device=y.device)
             total -= logp[rows, y].sum()
             if want_hidden or want_weight:
