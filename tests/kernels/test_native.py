@@ -74,6 +74,21 @@ def test_the_c_kernel_draws_the_numpy_reference_mask_bit_for_bit(c_library, shap
         expected = torch.where(torch.from_numpy(keep).view(shape), grad * (1 / (1 - p)), 0.0)
         lib.tunesmith_dropout_apply(grad.data_ptr(), grad.data_ptr(), packed.data_ptr(), n, 1 / (1 - p), threads)
         assert torch.equal(grad, expected)  # in place
+        bytes_out = torch.full((n,), 7, dtype=torch.uint8)
+        lib.tunesmith_unpack_bits(packed.data_ptr(), bytes_out.data_ptr(), n, threads)
+        assert torch.equal(bytes_out, torch.from_numpy(keep.view(np.uint8)))  # the compiled backward's bytes
+
+
+def test_the_unpack_op_gives_the_mask_bytes_with_and_without_the_c_kernel(monkeypatch):
+    from torch.library import opcheck
+
+    torch.manual_seed(3)
+    keep = dropout.keep_mask((5, 77), 0.2)
+    packed = dropout.pack_bits(keep)
+    assert torch.equal(dropout._unpack_mask(packed, keep.numel()), keep.reshape(-1))
+    opcheck(dropout._unpack_mask, (packed, keep.numel()))
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert torch.equal(dropout._unpack_mask(packed, keep.numel()), keep.reshape(-1))
 
 
 def test_the_reference_mask_is_fair_in_every_lane_and_word():

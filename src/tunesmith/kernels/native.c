@@ -10,6 +10,8 @@
  * forward:  xk = keep ? x * scale : 0, and the packed mask.
  * apply:    dst = keep ? src * scale : 0 for a saved mask (the backward pass: the input gradient and the
  *           dropped x; dst may be src).
+ * unpack:   the saved mask as one 0/1 byte per element (the compiled backward multiplies by it inside
+ *           its fused kernels, where a bit gather would run element by element).
  */
 #include <stdint.h>
 #include <string.h>
@@ -47,6 +49,14 @@ static inline uint64_t block_bits(uint64_t seed, int64_t b, uint16_t threshold) 
     return lo | (hi << 32);
 }
 
+static inline void unpack(uint8_t *out, uint64_t bits, int m) {
+    if (m < BLOCK) {
+        for (int j = 0; j < m; j++) out[j] = (uint8_t)((bits >> j) & 1);
+        return;
+    }
+    _mm512_storeu_si512((void *)out, _mm512_maskz_set1_epi8((__mmask64)bits, 1));
+}
+
 static inline void apply(const float *src, float *dst, uint64_t bits, int m, float scale) {
     if (m < BLOCK) {
         for (int j = 0; j < m; j++) dst[j] = ((bits >> j) & 1) ? src[j] * scale : 0.0f;
@@ -73,6 +83,10 @@ static inline uint64_t block_bits(uint64_t seed, int64_t b, uint16_t threshold) 
         bits |= ((v * 0x0102040810204080ULL) >> 56) << (8 * q);
     }
     return bits;
+}
+
+static inline void unpack(uint8_t *out, uint64_t bits, int m) {
+    for (int j = 0; j < m; j++) out[j] = (uint8_t)((bits >> j) & 1);
 }
 
 static inline void apply(const float *src, float *dst, uint64_t bits, int m, float scale) {
@@ -109,5 +123,16 @@ void tunesmith_dropout_apply(const float *src, float *dst, const uint8_t *packed
         uint64_t bits = 0;
         memcpy(&bits, packed + b * 8, (size_t)(m + 7) / 8);
         apply(src + b * BLOCK, dst + b * BLOCK, bits, m, scale);
+    }
+}
+
+void tunesmith_unpack_bits(const uint8_t *packed, uint8_t *out, int64_t n, int threads) {
+    int64_t blocks = (n + BLOCK - 1) / BLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int m = block_len(n, b);
+        uint64_t bits = 0;
+        memcpy(&bits, packed + b * 8, (size_t)(m + 7) / 8);
+        unpack(out + b * BLOCK, bits, m);
     }
 }

@@ -81,4 +81,6 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tunesmith_dropout_forward.restype = None
     lib.tunesmith_dropout_apply.argtypes = [ptr, ptr, ptr, i64, f32, i32]
     lib.tunesmith_dropout_apply.restype = None
+    lib.tunesmith_unpack_bits.argtypes = [ptr, ptr, i64, i32]
+    lib.tunesmith_unpack_bits.restype = None
     return lib
