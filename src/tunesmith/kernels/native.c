@@ -114,25 +114,21 @@ void tunesmith_dropout_forward(const float *x, float *xk, uint8_t *packed, int64
     }
 }
 
+static inline uint64_t saved_bits(const uint8_t *packed, int64_t b, int m) {
+    uint64_t bits = 0;
+    memcpy(&bits, packed + b * 8, (size_t)(m + 7) / 8);
+    return bits;
+}
+
 void tunesmith_dropout_apply(const float *src, float *dst, const uint8_t *packed, int64_t n, float scale,
                              int threads) {
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        int m = block_len(n, b);
-        uint64_t bits = 0;
-        memcpy(&bits, packed + b * 8, (size_t)(m + 7) / 8);
-        apply(src + b * BLOCK, dst + b * BLOCK, bits, m, scale);
-    }
+    for (int64_t b = 0; b < (n + BLOCK - 1) / BLOCK; b++)
+        apply(src + b * BLOCK, dst + b * BLOCK, saved_bits(packed, b, block_len(n, b)), block_len(n, b), scale);
 }
 
 void tunesmith_unpack_bits(const uint8_t *packed, uint8_t *out, int64_t n, int threads) {
-    int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        int m = block_len(n, b);
-        uint64_t bits = 0;
-        memcpy(&bits, packed + b * 8, (size_t)(m + 7) / 8);
-        unpack(out + b * BLOCK, bits, m);
-    }
+    for (int64_t b = 0; b < (n + BLOCK - 1) / BLOCK; b++)
+        unpack(out + b * BLOCK, saved_bits(packed, b, block_len(n, b)), block_len(n, b));
 }
