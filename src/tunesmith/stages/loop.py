@@ -132,14 +132,14 @@ VOCAB_BLOCK = 4096  # columns of logits per GEMM on CPU: [256, 49k] at once runs
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def _logits_scratch(rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
-    """A [rows, vocab] fp32 buffer kept for the next chunk and the next step. A fresh 50 MB chunk is served
-    from pages the allocator has handed back to the system (jemalloc releases allocations of 8 MB and
-    more at once): every step faulted them in again, 12,800 page faults per chunk."""
+def _logits_scratch(rows: int, vocab: int, like: torch.Tensor, room: int) -> torch.Tensor:
+    """A [rows, vocab] fp32 view of a buffer (of at least `room` rows) kept for the next chunk and the next
+    step. A fresh 50 MB chunk is served from pages the allocator has handed back to the system (jemalloc
+    releases allocations of 8 MB and more at once): every step faulted them in again, 12,800 per chunk."""
     key = (like.device, vocab)
     buffer = _SCRATCH.get(key)
     if buffer is None or buffer.shape[0] < rows:
-        buffer = _SCRATCH[key] = torch.empty(rows, vocab, dtype=torch.float32, device=like.device)
+        buffer = _SCRATCH[key] = torch.empty(max(rows, room), vocab, dtype=torch.float32, device=like.device)
     return buffer[:rows]
 
 
@@ -149,7 +149,7 @@ def _head_logits(h: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Ten
     each [256, 576] x [576, 4096] block at ~260."""
     if h.device.type != "cpu" or weight.dtype != torch.float32 or h.dtype != torch.float32:
         return F.linear(h, weight).float()
-    logits = _logits_scratch(max(chunk, h.shape[0]), weight.shape[0], h)[: h.shape[0]]
+    logits = _logits_scratch(h.shape[0], weight.shape[0], h, room=chunk)
     for j in range(0, weight.shape[0], VOCAB_BLOCK):
         torch.mm(h, weight[j : j + VOCAB_BLOCK].t(), out=logits[:, j : j + VOCAB_BLOCK])
     return logits
