@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "alpaca_5k" / "train.jsonl"
 SAMPLES = REPO / "src" / "tunesmith" / "samples"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_throughput import _matmul_params  # noqa: E402  (the same FLOPs count as the CPU benchmark)
+from sft_throughput import _matmul_params, mfu  # noqa: E402  (the same FLOPs count as the CPU benchmark)
 
 
 @dataclass
@@ -142,17 +142,17 @@ def steady_rate(metrics: Path) -> tuple[float | None, float]:
     return (last["tokens"] - mid["tokens"]) / max(1e-9, last["seconds"] - mid["seconds"]), share
 
 
-def mfu(tokens_per_s: float, method: str, model_dir: Path, share: float, peak_tflops: float | None) -> float | None:
-    """Useful FLOPs / time / bf16 GEMM peak, counted as bench/sft_throughput.py counts them (context ~256)."""
+def model_flops_utilisation(tokens_per_s: float, method: str, model_dir: Path, share: float,
+                            peak_tflops: float | None) -> float | None:
+    """Useful FLOPs / time / bf16 GEMM peak, through bench/sft_throughput.py's count (samples of ~256 tokens)."""
     if not peak_tflops or not tokens_per_s:
         return None
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_dir)
-    backward = 2 if method != "full" else 4
-    head = 2 * c.hidden_size * c.vocab_size * (1 + backward / 2) * share
-    attention = 2 * 2 * c.num_hidden_layers * c.hidden_size * 128 * 3
-    return ((2 + backward) * _matmul_params(c) + head + attention) * tokens_per_s / (peak_tflops * 1e12)
+    result = {"tokens_per_s": tokens_per_s, "matmul_params": _matmul_params(c), "hidden": c.hidden_size,
+              "vocab": c.vocab_size, "n_layers": c.num_hidden_layers, "target_share": share}
+    return mfu(result, method, peak_tflops * 1e3, avg_context=256)
 
 
 def run_check(check: Check, args, work: Path, logs: Path, facts: dict) -> dict:
@@ -195,7 +195,8 @@ def run_check(check: Check, args, work: Path, logs: Path, facts: dict) -> dict:
             from tunesmith.models import resolve_base
 
             result["tokens_per_s"] = round(rate, 1)
-            value = mfu(rate, summary.get("method", "lora"), resolve_base(args.model), share, facts.get("bf16_gemm_tflops"))
+            value = model_flops_utilisation(rate, summary.get("method", "lora"), resolve_base(args.model), share,
+                                            facts.get("bf16_gemm_tflops"))
             if value is not None:
                 result["mfu"] = round(value, 4)
     if check.name == "classify" and "accuracy" in summary:
@@ -254,13 +255,13 @@ def main() -> None:
     work = args.out / "work"
     results: list[dict] = []
     for check in wanted:
-        missing = ("a CUDA GPU and bitsandbytes" if check.needs == "bitsandbytes" and (
-            not torch.cuda.is_available() or "unavailable" in str(facts["bitsandbytes"])) else "")
+        skipped = ""
+        if check.needs == "bitsandbytes" and (not torch.cuda.is_available() or "unavailable" in str(facts["bitsandbytes"])):
+            skipped = "needs a CUDA GPU and bitsandbytes"
         if args.deadline and time.perf_counter() - began > args.deadline:
-            missing = "out of time (--deadline)"
-        if missing:
-            results.append({"check": check.name, "what": check.what, "ok": False, "skipped": f"needs {missing}"
-                            if "time" not in missing else missing})
+            skipped = "out of time (--deadline)"
+        if skipped:
+            results.append({"check": check.name, "what": check.what, "ok": False, "skipped": skipped})
         else:
             print(f"== {check.name}: {check.what}", flush=True)
             results.append(run_check(check, args, work, logs, facts))
