@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "alpaca_5k" / "train.jsonl"
 SAMPLES = REPO / "src" / "tunesmith" / "samples"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_throughput import _matmul_params, mfu  # noqa: E402  (the same FLOPs count as the CPU benchmark)
+from sft_throughput import _adapter_params, _matmul_params, attended_keys, mfu, sample_lengths  # noqa: E402  (the same FLOPs count as the CPU benchmark)
 
 
 @dataclass
@@ -143,16 +143,18 @@ def steady_rate(metrics: Path) -> tuple[float | None, float]:
 
 
 def model_flops_utilisation(tokens_per_s: float, method: str, model_dir: Path, share: float,
-                            peak_tflops: float | None) -> float | None:
-    """Useful FLOPs / time / bf16 GEMM peak, through bench/sft_throughput.py's count (samples of ~256 tokens)."""
+                            peak_tflops: float | None, context: float) -> float | None:
+    """Model FLOPs / time / bf16 GEMM peak, through bench/sft_throughput.py's count (PaLM's); `context`: the keys
+    a token attends to on average."""
     if not peak_tflops or not tokens_per_s:
         return None
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_dir)
     result = {"tokens_per_s": tokens_per_s, "matmul_params": _matmul_params(c), "hidden": c.hidden_size,
-              "vocab": c.vocab_size, "n_layers": c.num_hidden_layers, "target_share": share}
-    return mfu(result, method, peak_tflops * 1e3, avg_context=256)
+              "vocab": c.vocab_size, "n_layers": c.num_hidden_layers, "target_share": share,
+              "adapter_params": _adapter_params(c)}
+    return mfu(result, method, peak_tflops * 1e3, context)
 
 
 def run_check(check: Check, args, work: Path, logs: Path, facts: dict) -> dict:
@@ -195,8 +197,11 @@ def run_check(check: Check, args, work: Path, logs: Path, facts: dict) -> dict:
             from tunesmith.models import resolve_base
 
             result["tokens_per_s"] = round(rate, 1)
+            # SFT rows are whole Alpaca samples; the pre-training example packs 512-token blocks of running text
+            context = (attended_keys(sample_lengths(args.data, 400, args.model)) if check.recipe == "sft"
+                       else attended_keys([512]))
             value = model_flops_utilisation(rate, summary.get("method", "lora"), resolve_base(args.model), share,
-                                            facts.get("bf16_gemm_tflops"))
+                                            facts.get("bf16_gemm_tflops"), context)
             if value is not None:
                 result["mfu"] = round(value, 4)
     if check.name == "classify" and "accuracy" in summary:

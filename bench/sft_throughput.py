@@ -21,11 +21,15 @@ its time is shown apart).
 tunesmith runs on the allocator `tunesmith train` uses (jemalloc when the system has it, see
 src/tunesmith/allocator.py; TUNESMITH_ALLOCATOR=system for the C library's); TRL as a plain script.
 
-Model-FLOPs utilisation = useful FLOPs / time / measured GEMM peak. Useful FLOPs per
-token: forward 2N over the transformer's matmul weights, backward 2N (LoRA: activation
-gradients only) or 4N (full), attention scores on the real context, and the vocabulary
-projection only for tokens that carry a label (what any SFT needs; masked prompt tokens
-need no logits).
+Model-FLOPs utilisation (MFU) = model FLOPs per token x tokens/s / the GEMM peak this script
+measures (fp32 2048^3 products). Model FLOPs per token are counted as PaLM's MFU counts them
+(Chowdhery et al. 2022, appendix B), the same for every contender whatever it skips: forward 2N
+and backward 4N for trained weights (activation and weight gradients), 2N for frozen ones (LoRA's
+base: activation gradients only), with N every matmul weight including the vocabulary head on
+every token; plus attention's QK^T and PV over the keys each token sees (causal, within its
+sample). "MFU*" is stricter: the head counted only on tokens that carry a label, the FLOPs an SFT
+loop cannot avoid (masked prompt tokens need no logits; tunesmith skips them, TRL does not), so
+the skipped work earns nothing there.
 """
 
 from __future__ import annotations
@@ -186,7 +190,7 @@ def summarise(log: list[dict], model_config, targets_share: float) -> dict:
             "steps": len(log), "first_step_s": first["time"], "peak_rss_gib": peak_rss_gib(), "allocator": _allocator(), "losses": [(r["tokens"], r["loss"]) for r in log],
             "target_share": targets_share, "n_layers": model_config.num_hidden_layers,
             "hidden": model_config.hidden_size, "vocab": model_config.vocab_size,
-            "matmul_params": _matmul_params(model_config)}
+            "matmul_params": _matmul_params(model_config), "adapter_params": _adapter_params(model_config)}
 
 
 def _allocator() -> str:
@@ -196,20 +200,54 @@ def _allocator() -> str:
 
 
 def _matmul_params(c) -> int:
+    """The decoder blocks' matmul weights (attention and MLP projections; not the vocabulary head)."""
     kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
     per_layer = c.hidden_size * (c.hidden_size * 2 + kv * 2) + 3 * c.hidden_size * c.intermediate_size
     return per_layer * c.num_hidden_layers
 
 
+def _adapter_params(c, rank: int = 16) -> int:
+    """LoRA r x (in + out) per adapted linear layer, every projection of every block (target_modules="all-linear")."""
+    h, i = c.hidden_size, c.intermediate_size
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    return rank * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h)) * c.num_hidden_layers
+
+
+def attended_keys(lengths: list[int]) -> float:
+    """Keys a token attends to, averaged over tokens: a causal sample of s tokens has s(s+1)/2 query-key pairs."""
+    return sum(s * (s + 1) / 2 for s in lengths) / max(1, sum(lengths))
+
+
 # --- the table ------------------------------------------------------------------------------------
 
-def mfu(result: dict, method: str, peak_gflops: float, avg_context: float) -> float:
-    backward = 2 if method == "lora" else 4
-    n = result["matmul_params"]
-    head = 2 * result["hidden"] * result["vocab"] * (1 + backward / 2) * result["target_share"]
-    attention = 2 * 2 * result["n_layers"] * result["hidden"] * (avg_context / 2) * 3
-    flops_per_token = (2 + backward) * n + head + attention
-    return flops_per_token * result["tokens_per_s"] / (peak_gflops * 1e9)
+def model_flops_per_token(result: dict, method: str, context: float, head_share: float = 1.0) -> float:
+    """Forward + backward FLOPs per token (see the module's docstring); `head_share` of the tokens get logits."""
+    frozen = method == "lora"
+    blocks = result["matmul_params"]
+    head = result["hidden"] * result["vocab"] * head_share
+    per_weight = 4 if frozen else 6  # forward 2, activation gradient 2, weight gradient 2 unless frozen
+    adapters = 6 * result.get("adapter_params", 0) if frozen else 0
+    attention = 2 * 2 * result["n_layers"] * result["hidden"] * context * 3  # QK^T and PV; x3 with backward
+    return per_weight * (blocks + head) + adapters + attention
+
+
+def mfu(result: dict, method: str, peak_gflops: float, context: float, strict: bool = False) -> float:
+    """MFU (the head on every token) or, with `strict`, MFU* (the head on labelled tokens only)."""
+    share = result["target_share"] if strict else 1.0
+    return model_flops_per_token(result, method, context, share) * result["tokens_per_s"] / (peak_gflops * 1e9)
+
+
+def sample_lengths(data: str | Path, rows: int, model: str) -> list[int]:
+    """Token counts of the first `rows` Alpaca rows as the contenders render them (chat template, cut at max_length)."""
+    from tunesmith.data.formats import load_examples
+    from tunesmith.data.render import render
+    from tunesmith.models import load_tokenizer, resolve_base
+
+    path = Path(tempfile.mkdtemp()) / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in read_rows(Path(data), rows)))
+    tokenizer = load_tokenizer(resolve_base(model))
+    return [min(MAX_LENGTH, len(render(tokenizer, e).input_ids))
+            for e in load_examples([str(path)], "alpaca").examples]
 
 
 def spawn(kind: str, args, **extra) -> dict:
@@ -291,20 +329,23 @@ def main() -> None:
     trls = [r for name, r in results.items() if name.startswith("TRL")]
     ref_speed = max(r["tokens_per_s"] for r in trls)
     ref_rss = min(r["peak_rss_gib"] for r in trls)
-    avg_context = trl["tokens"] / (trl["steps"] * BATCH)
-    header = (f"{'contender':<31}{'tokens/s':>10}{'x TRL':>8}{'peak RSS GiB':>14}{'x TRL':>8}{'MFU':>7}"
+    context = attended_keys(sample_lengths(args.data, args.rows, args.model))
+    header = (f"{'contender':<31}{'tokens/s':>10}{'x TRL':>8}{'peak RSS GiB':>14}{'x TRL':>8}{'MFU':>6}{'MFU*':>6}"
               f"{'1st step s':>12}{'tokens':>9}{'held-out loss':>15}")
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in results.items():
-        util = mfu(r, args.method, peak, avg_context)
+        util, strict = mfu(r, args.method, peak, context), mfu(r, args.method, peak, context, strict=True)
         print(f"{name:<31}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / ref_speed:>8.2f}"
-              f"{r['peak_rss_gib']:>14.2f}{r['peak_rss_gib'] / ref_rss:>8.2f}{100 * util:>6.0f}%"
+              f"{r['peak_rss_gib']:>14.2f}{r['peak_rss_gib'] / ref_rss:>8.2f}{100 * util:>5.0f}%{100 * strict:>5.0f}%"
               f"{r['first_step_s']:>12.1f}{r['tokens']:>9,}{r['heldout_loss']:>15.4f}")
     allocators = sorted({f"{name.split(' ')[0]}: {r['allocator']}" for name, r in results.items()})
     print(f"(allocators: {', '.join(allocators)}; TUNESMITH_ALLOCATOR=system runs tunesmith on the C library's)")
     if len(trls) > 1:
         print(f"(x TRL: against TRL's fastest run for tokens/s, {ref_speed:.1f}, and its leanest for RSS, {ref_rss:.2f} GiB)")
     print(f"(each row: the fastest of {max(1, args.repeats)} interleaved rounds)")
+    print(f"(MFU: model FLOPs per token as PaLM counts them, {model_flops_per_token(trl, args.method, context) / 1e6:.0f}M "
+          f"here (a token attends to {context:.0f} keys on average), x tokens/s / the GEMM peak, {peak:.0f} GFLOP/s; "
+          f"MFU*: the vocabulary head counted on labelled tokens only)")
     _plot(results, Path(args.plot), args.method)
     print(f"\nloss curves: {args.plot}")
 

@@ -127,3 +127,71 @@ def test_op_names_change_with_the_source_that_defines_them(tmp_path):
     assert op_name("f", first).startswith("tunesmith::f_") and op_name("f", first) != op_name("f", second)
     assert op_name("f", first) == op_name("f", first)
     assert dropout._dropout_linear._opoverload.name() == op_name("dropout_linear", dropout.__file__)
+
+
+needs_fused = pytest.mark.skipif(not native.has_avx512() or native.library() is None,
+                                 reason="the fused LoRA-A kernels are AVX-512 code")
+
+
+@needs_fused
+@pytest.mark.parametrize("rows, cols, rank", [(512, 576, 16), (37, 1536, 8), (5, 128, 40), (1, 64, 1)])
+def test_the_fused_lora_a_kernels_equal_the_separate_steps_with_the_same_mask(rows, cols, rank):
+    lib, p, scale = native.library(), 0.1, 1 / 0.9
+    x, a = torch.randn(rows, cols), torch.randn(rank, cols)
+    n = rows * cols
+    for threads in (1, 2):
+        h, packed = torch.empty(rows, rank), torch.empty((n + 7) // 8, dtype=torch.uint8)
+        assert lib.tunesmith_lora_a(x.data_ptr(), a.data_ptr(), h.data_ptr(), packed.data_ptr(), rows, cols, rank, 1234,
+                                    dropout._threshold(p), scale, threads) == 0
+        keep = torch.from_numpy(dropout.reference_keep(1234, n, p)).view(rows, cols)
+        assert torch.equal(packed, torch.from_numpy(np.packbits(keep.numpy().view(np.uint8), bitorder="little")))
+        assert torch.allclose(h, (x * keep) @ a.t() * scale, rtol=1e-4, atol=1e-4)
+        dh = torch.randn(rows, rank)
+        dx, da = torch.empty(rows, cols), torch.empty(rank, cols)
+        assert lib.tunesmith_lora_a_dx(dh.data_ptr(), a.data_ptr(), packed.data_ptr(), dx.data_ptr(), rows, cols, rank,
+                                       scale, threads) == 0
+        assert torch.allclose(dx, (dh @ a) * keep * scale, rtol=1e-4, atol=1e-4)
+        assert lib.tunesmith_lora_a_dw(dh.data_ptr(), x.data_ptr(), packed.data_ptr(), da.data_ptr(), rows, cols, rank,
+                                       scale, threads) == 0
+        assert torch.allclose(da, dh.t() @ (x * keep) * scale, rtol=1e-4, atol=1e-3)
+
+
+@needs_fused
+def test_the_fused_kernels_decline_rows_that_are_not_whole_mask_blocks():
+    lib, x, a = native.library(), torch.randn(4, 96), torch.randn(8, 96)
+    h, packed, dx = torch.empty(4, 8), torch.empty(48, dtype=torch.uint8), torch.empty(4, 96)
+    assert lib.tunesmith_lora_a(x.data_ptr(), a.data_ptr(), h.data_ptr(), packed.data_ptr(), 4, 96, 8, 1, 100, 1.0, 2) == -1
+    assert lib.tunesmith_lora_a_dx(h.data_ptr(), a.data_ptr(), packed.data_ptr(), dx.data_ptr(), 4, 96, 8, 1.0, 2) == -1
+    assert not dropout._fused_a(x, a)
+
+
+def test_the_portable_build_declines_the_fused_kernels(c_library):
+    x, a = torch.randn(2, 64), torch.randn(4, 64)
+    h, packed = torch.empty(2, 4), torch.empty(16, dtype=torch.uint8)
+    done = c_library.tunesmith_lora_a(x.data_ptr(), a.data_ptr(), h.data_ptr(), packed.data_ptr(), 2, 64, 4, 1, 100, 1.0, 1)
+    assert done == (0 if c_library is native.library() and native.has_avx512() else -1)
+
+
+@needs_fused
+def test_the_op_on_whole_mask_blocks_gives_the_unfused_output_and_gradients(monkeypatch):
+    """dropout_linear through the fused kernels (rows of 128) and through the separate steps (AVX-512 switched off)."""
+    from torch.library import opcheck
+
+    x, weight = torch.randn(2, 33, 128, requires_grad=True), torch.randn(8, 128, requires_grad=True)
+    grad = torch.randn(2, 33, 8)
+    assert dropout._fused_a(x, weight)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(native, "has_avx512", lambda: False)
+        torch.manual_seed(7)
+        y, packed = dropout._dropout_linear(x, weight, 0.3)
+        results.append((y, packed, *torch.autograd.grad(y, (x, weight), grad)))
+    assert torch.equal(results[0][1], results[1][1])  # the same mask bits
+    for a, b in zip(results[0], results[1]):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4)
+    monkeypatch.undo()
+    packed = results[0][1]
+    for op, args in ((dropout._lora_a_grad_input, (grad, weight.detach(), packed, 1 / 0.7)),
+                     (dropout._lora_a_grad_weight, (grad, x.detach(), packed, 1 / 0.7))):
+        assert set(opcheck(op._opoverload, args).values()) == {"SUCCESS"}

@@ -74,6 +74,13 @@ def library() -> ctypes.CDLL | None:
     return _load(path)
 
 
+@cache
+def has_avx512() -> bool:
+    """Whether the host runs native.c's AVX-512 paths (the fused LoRA-A kernels exist only there)."""
+    flags = _cpu()
+    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512dq"))
+
+
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr, i64, u64, u32, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
@@ -83,4 +90,9 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tunesmith_dropout_apply.restype = None
     lib.tunesmith_unpack_bits.argtypes = [ptr, ptr, i64, i32]
     lib.tunesmith_unpack_bits.restype = None
+    lib.tunesmith_lora_a.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, u64, u32, f32, i32]
+    lib.tunesmith_lora_a_dx.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32]
+    lib.tunesmith_lora_a_dw.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, f32, i32]
+    for fn in (lib.tunesmith_lora_a, lib.tunesmith_lora_a_dx, lib.tunesmith_lora_a_dw):
+        fn.restype = i32
     return lib
