@@ -51,3 +51,34 @@ def test_a_bad_choice_stops_the_command_with_exit_2(tmp_path):
                          capture_output=True, text=True, env=os.environ | {allocator.ENV: "fast"})
     assert run.returncode == 2 and run.stderr.startswith("error: TUNESMITH_ALLOCATOR=fast")
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.skipif(allocator.jemalloc_library() is None, reason="needs jemalloc installed")
+def test_training_keeps_freed_pages_and_puts_the_decay_back(tmp_path):
+    """Under jemalloc the decay times are -1 (never purge) inside the context and the old ones after it."""
+    script = tmp_path / "decay.py"
+    script.write_text(
+        "import ctypes\n"
+        "from tunesmith import allocator\n"
+        "m = allocator._mallctl()\n"
+        "def decay(name):\n"
+        "    v, size = ctypes.c_ssize_t(0), ctypes.c_size_t(8)\n"
+        "    assert m(name, ctypes.byref(v), ctypes.byref(size), None, 0) == 0\n"
+        "    return v.value\n"
+        "before = decay(b'arena.0.dirty_decay_ms'), decay(b'arenas.dirty_decay_ms')\n"
+        "with allocator.keep_freed_pages():\n"
+        "    inside = decay(b'arena.0.dirty_decay_ms'), decay(b'arenas.dirty_decay_ms'), decay(b'arena.0.muzzy_decay_ms')\n"
+        "after = decay(b'arena.0.dirty_decay_ms'), decay(b'arenas.dirty_decay_ms')\n"
+        "print(before, inside, after)\n"
+        "assert inside == (-1, -1, -1) and after == before and before[0] > 0\n")
+    env = {**os.environ, "LD_PRELOAD": allocator.jemalloc_library()}
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_without_jemalloc_keeping_pages_does_nothing():
+    if allocator.active() == "jemalloc":
+        pytest.skip("this process runs on jemalloc")
+    assert allocator._mallctl() is None
+    with allocator.keep_freed_pages():
+        pass

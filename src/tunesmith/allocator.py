@@ -12,10 +12,11 @@ libjemalloc2`). `TUNESMITH_ALLOCATOR=system` keeps the C library's allocator.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -70,3 +71,57 @@ def active() -> str:
     except OSError:
         return "system"
     return "jemalloc" if "libjemalloc" in maps else "system"
+
+
+def _mallctl():
+    """jemalloc's `mallctl` when this process runs on jemalloc, else None."""
+    if active() != "jemalloc":
+        return None
+    try:
+        fn = ctypes.CDLL(None).mallctl
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _decay_names(mallctl) -> list[bytes]:
+    count, size = ctypes.c_uint(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
+    if mallctl(b"arenas.narenas", ctypes.byref(count), ctypes.byref(size), None, 0):
+        return []
+    names = [b"arenas.dirty_decay_ms", b"arenas.muzzy_decay_ms"]  # the defaults of arenas made later
+    for i in range(count.value):
+        names += [f"arena.{i}.dirty_decay_ms".encode(), f"arena.{i}.muzzy_decay_ms".encode()]
+    return names
+
+
+def _swap_decay(mallctl, values: dict[bytes, int]) -> dict[bytes, int]:
+    """Set each named decay time (ms; -1: never purge); returns the values replaced (arenas not in use are skipped)."""
+    old = {}
+    for name, new in values.items():
+        before, size = ctypes.c_ssize_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+        value = ctypes.c_ssize_t(new)
+        if mallctl(name, ctypes.byref(before), ctypes.byref(size), ctypes.byref(value), ctypes.sizeof(value)) == 0:
+            old[name] = before.value
+    return old
+
+
+@contextlib.contextmanager
+def keep_freed_pages() -> Iterator[None]:
+    """While training, jemalloc keeps the pages of freed buffers instead of purging them over its 10 s decay.
+
+    A training step frees and reallocates the same gradient and activation buffers every step; with
+    the default decay, part of each step's freed pages went back to the system and were faulted in
+    again the next step (a full fine-tuning step of SmolLM2-135M took ~139k page faults). The pages are
+    reused by the next step, so the peak grows little (+0.05 GiB full fine-tuning, +0.09 GiB LoRA) for
+    +4-10% tokens/s in alternating runs. The old decay times come back afterwards, and with them the purge."""
+    mallctl = _mallctl()
+    if mallctl is None:
+        yield
+        return
+    old = _swap_decay(mallctl, dict.fromkeys(_decay_names(mallctl), -1))
+    try:
+        yield
+    finally:
+        _swap_decay(mallctl, old)

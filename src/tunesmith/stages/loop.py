@@ -377,6 +377,12 @@ class Loop:
 
     # -- training --
     def run(self) -> TrainResult:
+        from tunesmith import allocator
+
+        with allocator.keep_freed_pages():  # steps reuse the pages the last one freed (allocator.py)
+            return self._run()
+
+    def _run(self) -> TrainResult:
         training, model = self.training, self.model
         model.train()
         result = TrainResult(self.step, self.tokens, 0.0)
