@@ -114,8 +114,10 @@ def keep_freed_pages() -> Iterator[None]:
     A training step frees and reallocates the same gradient and activation buffers every step; with
     the default decay, part of each step's freed pages went back to the system and were faulted in
     again the next step (a full fine-tuning step of SmolLM2-135M took ~139k page faults). The pages are
-    reused by the next step, so the peak grows little (+0.05 GiB full fine-tuning, +0.09 GiB LoRA) for
-    +4-10% tokens/s in alternating runs. The old decay times come back afterwards, and with them the purge."""
+    reused by the next step, so the peak of a compiled loop grows little (+0.05 GiB full fine-tuning,
+    +0.08 GiB LoRA) for +4-10% tokens/s in alternating runs; an eager loop's many temporaries of varying
+    sizes pile up instead (+0.6 GiB), so the loop asks for this only when compiled. The old decay times
+    come back afterwards, and with them the purge."""
     mallctl = _mallctl()
     if mallctl is None:
         yield

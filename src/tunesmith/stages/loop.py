@@ -379,7 +379,9 @@ class Loop:
     def run(self) -> TrainResult:
         from tunesmith import allocator
 
-        with allocator.keep_freed_pages():  # steps reuse the pages the last one freed (allocator.py)
+        # Compiled steps free and reallocate a few fused buffers of steady sizes: they reuse the pages the last
+        # step freed (allocator.py). Eager steps' many temporaries of varying sizes would pile up instead.
+        with allocator.keep_freed_pages() if self.training.compile else contextlib.nullcontext():
             return self._run()
 
     def _run(self) -> TrainResult:
