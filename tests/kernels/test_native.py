@@ -195,3 +195,17 @@ def test_the_op_on_whole_mask_blocks_gives_the_unfused_output_and_gradients(monk
     for op, args in ((dropout._lora_a_grad_input, (grad, weight.detach(), packed, 1 / 0.7)),
                      (dropout._lora_a_grad_weight, (grad, x.detach(), packed, 1 / 0.7))):
         assert set(opcheck(op._opoverload, args).values()) == {"SUCCESS"}
+
+
+@needs_fused
+def test_when_a_fused_backward_kernel_declines_the_ops_take_the_separate_steps(monkeypatch):
+    torch.manual_seed(2)
+    keep = dropout.keep_mask((3, 64), 0.5)
+    packed, grad, weight, x = dropout.pack_bits(keep), torch.randn(3, 4), torch.randn(4, 64), torch.randn(3, 64)
+    expected = (dropout._lora_a_grad_input(grad, weight, packed, 2.0), dropout._lora_a_grad_weight(grad, x, packed, 2.0))
+    lib = native.library()
+    monkeypatch.setattr(lib, "tunesmith_lora_a_dx", lambda *args: -1)
+    monkeypatch.setattr(lib, "tunesmith_lora_a_dw", lambda *args: -1)
+    assert torch.allclose(dropout._lora_a_grad_input(grad, weight, packed, 2.0), expected[0], atol=1e-5)
+    assert torch.allclose(dropout._lora_a_grad_weight(grad, x, packed, 2.0), expected[1], atol=1e-5)
+    assert torch.allclose(expected[0], (grad @ weight) * keep * 2.0, atol=1e-5)

@@ -143,8 +143,9 @@ def _lora_a_grad_input(grad_h: torch.Tensor, weight: torch.Tensor, packed: torch
     grad_h, weight = grad_h.contiguous(), weight.contiguous()
     out = grad_h.new_empty(*grad_h.shape[:-1], weight.shape[1])
     rows = grad_h.numel() // grad_h.shape[-1]
-    native.library().tunesmith_lora_a_dx(grad_h.data_ptr(), weight.data_ptr(), packed.data_ptr(), out.data_ptr(), rows,
-                                         weight.shape[1], weight.shape[0], scale, torch.get_num_threads())
+    if native.library().tunesmith_lora_a_dx(grad_h.data_ptr(), weight.data_ptr(), packed.data_ptr(), out.data_ptr(),
+                                            rows, weight.shape[1], weight.shape[0], scale, torch.get_num_threads()):
+        return _dropout_mask(grad_h @ weight, packed, scale)  # the kernel declined: the separate steps
     return out
 
 
@@ -159,8 +160,9 @@ def _lora_a_grad_weight(grad_h: torch.Tensor, x: torch.Tensor, packed: torch.Ten
     grad_h, x = grad_h.contiguous(), x.contiguous()
     out = x.new_empty(grad_h.shape[-1], x.shape[-1])
     rows = x.numel() // x.shape[-1]
-    native.library().tunesmith_lora_a_dw(grad_h.data_ptr(), x.data_ptr(), packed.data_ptr(), out.data_ptr(), rows,
-                                         x.shape[-1], grad_h.shape[-1], scale, torch.get_num_threads())
+    if native.library().tunesmith_lora_a_dw(grad_h.data_ptr(), x.data_ptr(), packed.data_ptr(), out.data_ptr(), rows,
+                                            x.shape[-1], grad_h.shape[-1], scale, torch.get_num_threads()):
+        return grad_h.reshape(rows, -1).t() @ _dropout_mask(x, packed, scale).reshape(rows, -1)  # declined (no memory)
     return out
 
 
