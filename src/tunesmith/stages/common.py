@@ -168,7 +168,7 @@ def build_model(recipe: Recipe, base: Base, model: Any = None, task_type: str = 
         model = apply_tuning(model, recipe.tuning, task_type)
     fuse_lora_dropout(model)
     if recipe.tuning.method == "lora":
-        from tunesmith.kernels.lora import scale_on_rank
+        from tunesmith.kernels.lora_scaling import scale_on_rank
 
         scale_on_rank(model)
     if recipe.training.compile:

@@ -3,7 +3,7 @@
 import torch
 
 from tunesmith.kernels.dropout import fuse_lora_dropout
-from tunesmith.kernels.lora import RankScaledLinear, scale_on_rank
+from tunesmith.kernels.lora_scaling import RankScaledLinear, scale_on_rank
 
 
 def lora_model(tiny_path, **lora):
