@@ -25,15 +25,23 @@ def _lora_linear() -> type:
     return Linear
 
 
+def _variant_keys() -> tuple[str, ...]:
+    """The forward kwargs PEFT routes to LoRA variants (aLoRA's offsets) and keeps from the base layer."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    return tuple(VARIANT_KWARG_KEYS)
+
+
 class RankScaledLinear(_lora_linear()):  # type: ignore[misc]
     """A PEFT LoRA `Linear` whose vanilla adapters scale A's output instead of B's."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
-                or any(kwargs.get(key) is not None for key in ("alora_offsets",))
+        keys = ("adapter_names", *_variant_keys())
+        if (self.disable_adapters or self.merged or any(kwargs.get(key) is not None for key in keys)
                 or any(name in self.lora_variant for name in self.active_adapters)):
             return super().forward(x, *args, **kwargs)
-        kwargs.pop("adapter_names", None), kwargs.pop("alora_offsets", None)
+        for key in keys:  # passed as None: not for the base layer
+            kwargs.pop(key, None)
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for name in self.active_adapters:

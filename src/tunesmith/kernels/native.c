@@ -190,21 +190,25 @@ static float *transpose_padded(const float *a, int64_t rank, int64_t cols, int64
 int tunesmith_lora_a(const float *x, const float *a, float *h, uint8_t *packed, int64_t rows, int64_t cols,
                      int64_t rank, uint64_t seed, uint32_t threshold, float scale, int threads) {
     if (cols % BLOCK) return -1;
-    int64_t rank16 = (rank + 15) / 16 * 16, blocks_per_row = cols / BLOCK;
+    if (threads < 1) threads = 1;
+    int64_t rank16 = (rank + 15) / 16 * 16, blocks_per_row = cols / BLOCK, own = ROWS * (cols + rank16);
     float *at = transpose_padded(a, rank, cols, rank16);
-    if (!at) return -1;
-    int failed = 0;
+    /* each thread's dropped rows and products (not calloc: see tunesmith_lora_a_dw) */
+    float *scratch = (float *)aligned_alloc(64, (size_t)(threads * own * sizeof(float) + 63) / 64 * 64);
+    if (!at || !scratch) {
+        free(at);
+        free(scratch);
+        return -1;
+    }
 #pragma omp parallel num_threads(threads)
     {
-        float *xd = (float *)aligned_alloc(64, (size_t)(ROWS * cols) * sizeof(float));
-        float *hh = (float *)aligned_alloc(64, (size_t)(ROWS * rank16) * sizeof(float));
-        if (!xd || !hh) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        float *xd = scratch + t * own, *hh = xd + ROWS * cols;
 #pragma omp for schedule(static)
         for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
-            if (failed) continue;
             int R = rows - r0 < ROWS ? (int)(rows - r0) : ROWS;
             for (int r = 0; r < R; r++)
                 for (int64_t k = 0; k < blocks_per_row; k++) {
@@ -216,11 +220,10 @@ int tunesmith_lora_a(const float *x, const float *a, float *h, uint8_t *packed, 
             rows_times_at(xd, at, hh, R, cols, rank16, scale);
             for (int r = 0; r < R; r++) memcpy(h + (r0 + r) * rank, hh + r * rank16, (size_t)rank * sizeof(float));
         }
-        free(xd);
-        free(hh);
     }
+    free(scratch);
     free(at);
-    return failed ? -1 : 0;
+    return 0;
 }
 
 /* dx for R rows from r0 (R fixed at compile time). */
@@ -286,12 +289,12 @@ int tunesmith_lora_a_dw(const float *dh, const float *x, const uint8_t *packed, 
                         int64_t cols, int64_t rank, float scale, int threads) {
     if (cols % BLOCK) return -1;
     if (threads < 1) threads = 1;
-    int64_t size = rank * cols, blocks_per_row = cols / BLOCK;
-    /* not calloc: jemalloc's hands back fresh zero pages for it, page-faulted in at every call (4x slower) */
-    float *parts = (float *)aligned_alloc(64, (size_t)(threads * size * sizeof(float) + 63) / 64 * 64);
-    if (!parts) return -1;
-    memset(parts, 0, (size_t)(threads * size) * sizeof(float));
-    int used = 1, failed = 0;
+    int64_t size = rank * cols, own = size + DW_ROWS * cols, blocks_per_row = cols / BLOCK;
+    /* each thread's sums and dropped rows; not calloc: jemalloc's hands back fresh zero pages for it,
+     * page-faulted in at every call (4x slower) */
+    float *scratch = (float *)aligned_alloc(64, (size_t)(threads * own * sizeof(float) + 63) / 64 * 64);
+    if (!scratch) return -1;
+    int used = 1;
 #pragma omp parallel num_threads(threads)
     {
         int t = 0, n = 1;
@@ -301,37 +304,30 @@ int tunesmith_lora_a_dw(const float *dh, const float *x, const uint8_t *packed, 
 #endif
 #pragma omp single
         used = n;
-        float *acc = parts + t * size;
-        float *xb = (float *)aligned_alloc(64, (size_t)(DW_ROWS * cols) * sizeof(float));
-        if (!xb) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-            int64_t begin = rows * t / n, end = rows * (t + 1) / n;
-            for (int64_t r0 = begin; r0 < end; r0 += DW_ROWS) {
-                int rb = end - r0 < DW_ROWS ? (int)(end - r0) : DW_ROWS;
-                for (int r = 0; r < rb; r++)
-                    for (int64_t k = 0; k < blocks_per_row; k++) {
-                        int64_t b = (r0 + r) * blocks_per_row + k;
-                        apply(x + b * BLOCK, xb + r * cols + k * BLOCK, saved_bits(packed, b, BLOCK), BLOCK, 1.0f);
-                    }
-                const float *g = dh + r0 * rank;
-                int64_t j0 = 0;
-                for (; j0 + 16 <= rank; j0 += 16) dw_block_16(g, xb, acc, rb, cols, rank, j0);
-                for (; j0 + 8 <= rank; j0 += 8) dw_block_8(g, xb, acc, rb, cols, rank, j0);
-                for (; j0 < rank; j0++) dw_block_1(g, xb, acc, rb, cols, rank, j0);
-            }
-            free(xb);
+        float *acc = scratch + t * own, *xb = acc + size;
+        memset(acc, 0, (size_t)size * sizeof(float));
+        int64_t begin = rows * t / n, end = rows * (t + 1) / n;
+        for (int64_t r0 = begin; r0 < end; r0 += DW_ROWS) {
+            int rb = end - r0 < DW_ROWS ? (int)(end - r0) : DW_ROWS;
+            for (int r = 0; r < rb; r++)
+                for (int64_t k = 0; k < blocks_per_row; k++) {
+                    int64_t b = (r0 + r) * blocks_per_row + k;
+                    apply(x + b * BLOCK, xb + r * cols + k * BLOCK, saved_bits(packed, b, BLOCK), BLOCK, 1.0f);
+                }
+            const float *g = dh + r0 * rank;
+            int64_t j0 = 0;
+            for (; j0 + 16 <= rank; j0 += 16) dw_block_16(g, xb, acc, rb, cols, rank, j0);
+            for (; j0 + 8 <= rank; j0 += 8) dw_block_8(g, xb, acc, rb, cols, rank, j0);
+            for (; j0 < rank; j0++) dw_block_1(g, xb, acc, rb, cols, rank, j0);
         }
     }
-    if (!failed)
-        for (int64_t i = 0; i < size; i++) {
-            float sum = 0.0f;
-            for (int t = 0; t < used; t++) sum += parts[t * size + i];
-            da[i] = sum * scale;
-        }
-    free(parts);
-    return failed ? -1 : 0;
+    for (int64_t i = 0; i < size; i++) {
+        float sum = 0.0f;
+        for (int t = 0; t < used; t++) sum += scratch[t * own + i];
+        da[i] = sum * scale;
+    }
+    free(scratch);
+    return 0;
 }
 #else
 int tunesmith_lora_a(const float *x, const float *a, float *h, uint8_t *packed, int64_t rows, int64_t cols,
