@@ -198,8 +198,7 @@ def run_check(check: Check, args, work: Path, logs: Path, facts: dict) -> dict:
 
             result["tokens_per_s"] = round(rate, 1)
             # SFT rows are whole Alpaca samples; the pre-training example packs 512-token blocks of running text
-            context = (attended_keys(sample_lengths(args.data, 400, args.model)) if check.recipe == "sft"
-                       else attended_keys([512]))
+            context = facts["sft_attended_keys"] if check.recipe == "sft" else attended_keys([512])
             value = model_flops_utilisation(rate, summary.get("method", "lora"), resolve_base(args.model), share,
                                             facts.get("bf16_gemm_tflops"), context)
             if value is not None:
@@ -252,6 +251,7 @@ def main() -> None:
     if not torch.cuda.is_available() and not args.dry_run:
         sys.exit("cuda_check: no CUDA GPU is visible (use --dry-run to exercise the harness on CPU)")
     facts = cuda_facts()
+    facts["sft_attended_keys"] = round(attended_keys(sample_lengths(args.data, 400, args.model)), 2)  # for MFU
     print(json.dumps(facts))
     wanted = [c for c in CHECKS if not args.only or c.name in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -17,26 +17,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, Linear
+
+# forward kwargs that are PEFT's, not the base layer's: a mixed-adapter batch and the variants' (aLoRA's offsets)
+_PEFT_KWARGS = ("adapter_names", *VARIANT_KWARG_KEYS)
 
 
-def _lora_linear() -> type:
-    from peft.tuners.lora.layer import Linear
-
-    return Linear
-
-
-def _variant_keys() -> tuple[str, ...]:
-    """The forward kwargs PEFT routes to LoRA variants (aLoRA's offsets) and keeps from the base layer."""
-    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
-
-    return tuple(VARIANT_KWARG_KEYS)
-
-
-class RankScaledLinear(_lora_linear()):  # type: ignore[misc]
+class RankScaledLinear(Linear):
     """A PEFT LoRA `Linear` whose vanilla adapters scale A's output instead of B's."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        keys = ("adapter_names", *_variant_keys())
+        keys = _PEFT_KWARGS
         if (self.disable_adapters or self.merged or any(kwargs.get(key) is not None for key in keys)
                 or any(name in self.lora_variant for name in self.active_adapters)):
             return super().forward(x, *args, **kwargs)
@@ -55,10 +46,9 @@ class RankScaledLinear(_lora_linear()):  # type: ignore[misc]
 
 def scale_on_rank(model: torch.nn.Module) -> int:
     """Give every plain PEFT LoRA linear layer of the model the rank-side scaling; returns how many."""
-    plain = _lora_linear()
     swapped = 0
     for module in model.modules():
-        if type(module) is plain:
+        if type(module) is Linear:
             module.__class__ = RankScaledLinear
             swapped += 1
     return swapped
